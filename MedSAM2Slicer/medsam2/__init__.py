@@ -1,0 +1,29 @@
+"""MedSAM-2 engine: SAM 2 family models, memory policies, volume and one-prompt segmentation."""
+
+from .checkpoint import read_state_dict, save_state_dict
+from .configs import ModelConfig
+from .errors import Cancelled, CheckpointError, InputError, MedSAM2Error
+from .load import load_model, resolve_device
+from .memory import MemoryOptions
+from .model.build import build_model
+from .model.sam2 import SAM2Model
+from .prompts import Prompt
+from .session import Session
+
+__all__ = [
+    "Cancelled",
+    "CheckpointError",
+    "InputError",
+    "MedSAM2Error",
+    "MemoryOptions",
+    "ModelConfig",
+    "Prompt",
+    "SAM2Model",
+    "Session",
+    "build_model",
+    "load_model",
+    "read_state_dict",
+    "resolve_device",
+    "save_state_dict",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,356 @@
+"""The SAM 2 model: image features, memory-conditioned mask prediction, and memory encoding of a frame.
+
+The model is stateless between frames: which memories a frame attends to is decided by the caller (a
+memory policy in ``medsam2.memory``), which hands over a :class:`MemoryContext`. Spatial sizes below use
+``S`` for the model's input size and ``h = w = S / backbone_stride`` for the lowest-resolution feature map.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..configs import ModelConfig
+from .common import MLP
+
+# Logit given to every pixel of an object predicted absent (sigmoid of it is 0).
+NO_OBJECT_LOGIT = -1024.0
+
+# Logit scale and bias that turn a binary mask prompt into mask logits (sigmoid(-10) ~ 4.5e-5).
+_MASK_PROMPT_SCALE, _MASK_PROMPT_BIAS = 20.0, -10.0
+
+
+@dataclass
+class ImageFeatures:
+    """Image-encoder output for a batch of frames.
+
+    ``embedding``/``position``: ``[B, C, h, w]``; ``high_res``: ``[B, C/8, 4h, 4w]`` and ``[B, C/4, 2h, 2w]``
+    maps for the decoder's skip connections, already projected, or ``None`` for models without them.
+    """
+
+    embedding: torch.Tensor
+    position: torch.Tensor
+    high_res: list[torch.Tensor] | None
+
+    def frame(self, i: int) -> ImageFeatures:
+        """The features of frame ``i`` of the batch, keeping a batch axis of 1."""
+        high_res = None if self.high_res is None else [x[i : i + 1] for x in self.high_res]
+        return ImageFeatures(self.embedding[i : i + 1], self.position[i : i + 1], high_res)
+
+    def expand(self, batch: int) -> ImageFeatures:
+        """The same frame repeated for ``batch`` objects (a view, no copy)."""
+        high_res = None if self.high_res is None else [x.expand(batch, -1, -1, -1) for x in self.high_res]
+        return ImageFeatures(
+            self.embedding.expand(batch, -1, -1, -1), self.position.expand(batch, -1, -1, -1), high_res
+        )
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.embedding, self.position, *(self.high_res or [])]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass
+class Memory:
+    """A frame's encoded memory: ``features`` and ``position``, both ``[B, mem_dim, h, w]``."""
+
+    features: torch.Tensor
+    position: torch.Tensor
+
+
+@dataclass
+class MemoryContext:
+    """What the current frame attends to.
+
+    ``frames``: (memory, temporal slot) pairs, where slot ``num_maskmem - 1`` marks a prompted frame and slot
+    ``d - 1`` a frame ``d`` steps away. ``pointers``: (signed frame distance, object pointer ``[B, C]``) pairs.
+    ``pointer_range``: the distance that maps to 1 in the pointers' temporal encoding.
+    """
+
+    frames: list[tuple[Memory, int]]
+    pointers: list[tuple[int, torch.Tensor]]
+    pointer_range: int
+
+
+@dataclass
+class MaskPrediction:
+    """The decoder's answer for one frame.
+
+    ``low_res_logits``: ``[B, 1, 4h, 4w]``; ``high_res_logits``: ``[B, 1, S, S]``; ``iou``: ``[B]`` predicted
+    IoU of the chosen mask; ``obj_ptr``: ``[B, C]``; ``object_score``: ``[B, 1]`` logit that the object is
+    present. When the decoder ran, ``candidate_logits`` ``[B, M, 4h, 4w]`` and ``candidate_ious`` ``[B, M]``
+    hold all its masks (M = 3 for an ambiguous prompt, else 1).
+    """
+
+    low_res_logits: torch.Tensor
+    high_res_logits: torch.Tensor
+    iou: torch.Tensor
+    obj_ptr: torch.Tensor
+    object_score: torch.Tensor
+    candidate_logits: torch.Tensor | None = None
+    candidate_ious: torch.Tensor | None = None
+
+
+def sine_encoding_1d(positions: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """Transformer-style sine/cosine encoding of scalar positions: ``[N]`` -> ``[N, dim]``."""
+    half = dim // 2
+    exponent = 2 * (torch.arange(half, dtype=torch.float32, device=positions.device) // 2) / half
+    angles = positions.float().unsqueeze(-1) / temperature**exponent
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+class SAM2Model(nn.Module):
+    """SAM 2 with its memory: the parts are built by :func:`medsam2.build_model`.
+
+    Submodule and parameter names follow the official checkpoints, so their state dicts load unchanged.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        image_encoder: nn.Module,
+        memory_attention: nn.Module,
+        memory_encoder: nn.Module,
+        prompt_encoder: nn.Module,
+        mask_decoder: nn.Module,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        c, mem = config.hidden_dim, config.mem_dim
+        self.maskmem_tpos_enc = nn.Parameter(torch.zeros(config.num_maskmem, 1, 1, mem))
+        self.no_mem_embed = nn.Parameter(torch.zeros(1, 1, c))
+        self.no_mem_pos_enc = nn.Parameter(torch.zeros(1, 1, c))
+        self.no_obj_ptr = nn.Parameter(torch.zeros(1, c)) if config.pred_obj_scores else None
+        self.no_obj_embed_spatial = nn.Parameter(torch.zeros(1, mem)) if config.no_obj_embed_spatial else None
+        for p in (self.maskmem_tpos_enc, self.no_mem_embed, self.no_mem_pos_enc, self.no_obj_ptr):
+            if p is not None:
+                nn.init.trunc_normal_(p, std=0.02)
+        if self.no_obj_embed_spatial is not None:
+            nn.init.trunc_normal_(self.no_obj_embed_spatial, std=0.02)
+
+        self.image_encoder = image_encoder
+        # Turns a full-resolution mask into a decoder mask prompt, to get an object pointer for a mask prompt.
+        self.mask_downsample = nn.Conv2d(1, 1, kernel_size=4, stride=4)
+        self.memory_attention = memory_attention
+        self.memory_encoder = memory_encoder
+        self.sam_prompt_encoder = prompt_encoder
+        self.sam_mask_decoder = mask_decoder
+        self.obj_ptr_proj = MLP(c, c, c, num_layers=3)
+        self.obj_ptr_tpos_proj = nn.Linear(c, mem) if config.proj_tpos_enc_in_obj_ptrs else None
+        # Reduced-precision dtype for CUDA autocast at inference, or None for float32 (set by load_model).
+        self.autocast_dtype: torch.dtype | None = None
+
+    # ------------------------------------------------------------------ sizes
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.maskmem_tpos_enc.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.maskmem_tpos_enc.dtype
+
+    # ------------------------------------------------------------------ image
+
+    def encode_image(self, images: torch.Tensor) -> ImageFeatures:
+        """Normalised images ``[B, 3, S, S]`` -> :class:`ImageFeatures`."""
+        out = self.image_encoder(images)
+        levels, positions = out["backbone_fpn"], out["vision_pos_enc"]
+        high_res = None
+        if self.config.use_high_res_features:
+            high_res = [self.sam_mask_decoder.conv_s0(levels[0]), self.sam_mask_decoder.conv_s1(levels[1])]
+        return ImageFeatures(levels[-1], positions[-1], high_res)
+
+    # ------------------------------------------------------------------ memory
+
+    def attend_memory(self, features: ImageFeatures, context: MemoryContext | None) -> torch.Tensor:
+        """The frame's embedding conditioned on memory: ``[B, C, h, w]``.
+
+        Without memory (the first prompted frame of an object) the learnt no-memory embedding is added instead.
+        """
+        embedding = features.embedding
+        b, c, h, w = embedding.shape
+        if context is None or not context.frames:
+            return embedding + self.no_mem_embed.view(1, c, 1, 1)
+        tokens, token_pos = [], []
+        for memory, slot in context.frames:
+            tokens.append(memory.features.to(embedding.dtype).flatten(2).permute(2, 0, 1))
+            pos = memory.position.to(embedding.dtype).flatten(2).permute(2, 0, 1)
+            token_pos.append(pos + self.maskmem_tpos_enc[slot])
+        num_pointer_tokens = 0
+        if context.pointers:
+            pointer_tokens, pointer_pos = self._pointer_tokens(context, b)
+            tokens.append(pointer_tokens)
+            token_pos.append(pointer_pos)
+            num_pointer_tokens = pointer_tokens.shape[0]
+        out = self.memory_attention(
+            curr=embedding.flatten(2).permute(2, 0, 1),
+            memory=torch.cat(tokens),
+            curr_pos=features.position.flatten(2).permute(2, 0, 1),
+            memory_pos=torch.cat(token_pos),
+            num_obj_ptr_tokens=num_pointer_tokens,
+        )
+        return out.permute(1, 2, 0).reshape(b, c, h, w)
+
+    def _pointer_tokens(self, context: MemoryContext, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Object pointers as memory tokens: ``[N * C/mem_dim, B, mem_dim]`` and their encodings."""
+        c, mem = self.config.hidden_dim, self.config.mem_dim
+        distances, pointers = zip(*context.pointers)
+        pointers = torch.stack(pointers)  # [N, B, C]
+        if self.config.add_tpos_enc_to_obj_ptrs:
+            rel = torch.tensor(distances, device=pointers.device) / max(context.pointer_range, 1)
+            pos = sine_encoding_1d(rel, c if self.obj_ptr_tpos_proj is not None else mem).to(pointers.dtype)
+            if self.obj_ptr_tpos_proj is not None:
+                pos = self.obj_ptr_tpos_proj(pos)
+            pos = pos.unsqueeze(1).expand(-1, batch, mem)
+        else:
+            pos = pointers.new_zeros(len(distances), batch, mem)
+        # A 256-d pointer becomes C / mem_dim tokens of mem_dim so that it fits the memory width.
+        split = c // mem
+        pointers = pointers.reshape(-1, batch, split, mem).permute(0, 2, 1, 3).flatten(0, 1)
+        return pointers, pos.repeat_interleave(split, dim=0)
+
+    def encode_memory(
+        self,
+        features: ImageFeatures,
+        high_res_logits: torch.Tensor,
+        object_score: torch.Tensor,
+        binarize: bool,
+    ) -> Memory:
+        """Memory of a frame from its raw embedding and predicted mask logits ``[B, 1, S, S]``.
+
+        ``binarize`` thresholds the mask instead of taking its sigmoid (masks predicted from clicks).
+        """
+        mask = (high_res_logits > 0).to(high_res_logits.dtype) if binarize else high_res_logits.sigmoid()
+        mask = mask * self.config.sigmoid_scale_for_mem_enc + self.config.sigmoid_bias_for_mem_enc
+        out = self.memory_encoder(
+            features.embedding, mask.to(features.embedding.dtype), skip_mask_sigmoid=True
+        )
+        mem_features, mem_pos = out["vision_features"], out["vision_pos_enc"][-1]
+        if self.no_obj_embed_spatial is not None:
+            absent = (object_score <= 0).to(mem_features.dtype)[..., None, None]
+            mem_features = mem_features + absent * self.no_obj_embed_spatial[..., None, None]
+        return Memory(mem_features, mem_pos)
+
+    # ------------------------------------------------------------------ masks
+
+    def predict(
+        self,
+        features: ImageFeatures,
+        context: MemoryContext | None,
+        points: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
+        previous_logits: torch.Tensor | None = None,
+    ) -> MaskPrediction:
+        """Predict the object's mask on one frame.
+
+        ``points``: coordinates ``[B, N, 2]`` in input pixels (0..S) and labels ``[B, N]`` (1 positive,
+        0 negative, 2/3 box corners). ``mask``: a binary mask prompt ``[B, 1, S, S]``, used as the output
+        directly. ``previous_logits``: ``[B, 1, 4h, 4w]`` logits of an earlier prediction on this frame,
+        refined by new clicks. Without any prompt the frame is tracked from ``context``.
+        """
+        if mask is not None:
+            return self._mask_as_prediction(features, mask)
+        embedding = self.attend_memory(features, context)
+        num_points = 0 if points is None else points[1].shape[1]
+        # One click (or none, while tracking) is ambiguous: take the best of the three candidate masks.
+        multimask = num_points <= 1
+        return self._decode(embedding, features.high_res, points, previous_logits, multimask)
+
+    def _decode(
+        self,
+        embedding: torch.Tensor,
+        high_res: list[torch.Tensor] | None,
+        points: tuple[torch.Tensor, torch.Tensor] | None,
+        mask_logits: torch.Tensor | None,
+        multimask: bool,
+    ) -> MaskPrediction:
+        b = embedding.shape[0]
+        if points is None:
+            # The decoder always gets a point; a padding point (label -1) stands for "no click".
+            points = (
+                embedding.new_zeros(b, 1, 2),
+                -torch.ones(b, 1, dtype=torch.int32, device=embedding.device),
+            )
+        if mask_logits is not None:
+            mask_size = tuple(4 * s for s in embedding.shape[-2:])
+            if mask_logits.shape[-2:] != mask_size:
+                mask_logits = F.interpolate(
+                    mask_logits.float(), size=mask_size, mode="bilinear", align_corners=False, antialias=True
+                )
+            mask_logits = mask_logits.to(embedding.dtype)
+        sparse, dense = self.sam_prompt_encoder(points=points, boxes=None, masks=mask_logits)
+        masks, ious, tokens, object_score = self.sam_mask_decoder(
+            image_embeddings=embedding,
+            image_pe=self.sam_prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
+            repeat_image=False,
+            high_res_features=high_res,
+        )
+        present = object_score > 0
+        if self.config.pred_obj_scores:
+            masks = torch.where(present[:, None, None], masks, NO_OBJECT_LOGIT)
+        masks = masks.float()
+        best = (
+            torch.argmax(ious, dim=-1) if multimask else torch.zeros(b, dtype=torch.long, device=masks.device)
+        )
+        rows = torch.arange(b, device=masks.device)
+        low_res = masks[rows, best].unsqueeze(1)
+        token = tokens[rows, best] if tokens.shape[1] > 1 else tokens[:, 0]
+        obj_ptr = self.obj_ptr_proj(token)
+        if self.config.pred_obj_scores:
+            obj_ptr = self._pointer_for_presence(obj_ptr, present.to(obj_ptr.dtype))
+        return MaskPrediction(
+            low_res_logits=low_res,
+            high_res_logits=self.upsample_logits(low_res),
+            iou=ious[rows, best].float(),
+            obj_ptr=obj_ptr,
+            object_score=object_score.float(),
+            candidate_logits=masks,
+            candidate_ious=ious.float(),
+        )
+
+    def _mask_as_prediction(self, features: ImageFeatures, mask: torch.Tensor) -> MaskPrediction:
+        """A mask prompt is taken as the frame's answer; the decoder only supplies its object pointer."""
+        mask = mask.to(features.embedding.dtype)
+        high_res = (mask * _MASK_PROMPT_SCALE + _MASK_PROMPT_BIAS).float()
+        low_res = F.interpolate(
+            high_res,
+            size=tuple(s // 4 for s in high_res.shape[-2:]),
+            mode="bilinear",
+            align_corners=False,
+            antialias=True,
+        )
+        # The pointer comes from the raw (memory-free) embedding with the mask as the decoder's mask prompt.
+        decoded = self._decode(
+            features.embedding, features.high_res, None, self.mask_downsample(mask), multimask=False
+        )
+        present = (mask.flatten(1) > 0).any(dim=1, keepdim=True).to(decoded.obj_ptr.dtype)
+        obj_ptr = decoded.obj_ptr
+        if self.config.pred_obj_scores:
+            obj_ptr = self._pointer_for_presence(obj_ptr, present)
+        return MaskPrediction(
+            low_res_logits=low_res,
+            high_res_logits=high_res,
+            iou=torch.ones(mask.shape[0], device=mask.device),
+            obj_ptr=obj_ptr,
+            object_score=(present * _MASK_PROMPT_SCALE + _MASK_PROMPT_BIAS).float(),
+        )
+
+    def _pointer_for_presence(self, obj_ptr: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """An absent object gets the learnt no-object pointer instead of its own."""
+        return present * obj_ptr + (1 - present) * self.no_obj_ptr
+
+    def upsample_logits(self, low_res: torch.Tensor) -> torch.Tensor:
+        """``[B, 1, 4h, 4w]`` logits -> ``[B, 1, S, S]`` (bilinear)."""
+        size = (self.image_size, self.image_size)
+        return F.interpolate(low_res, size=size, mode="bilinear", align_corners=False)
