@@ -52,7 +52,7 @@ def test_golden_model_version_matches_flavour(golden):
 @pytest.mark.parametrize("prompt", ["box", "click", "clicks"])
 def test_single_frame_point_prompts(golden, prompt):
     model, ref = golden.model, golden.single
-    stack = FrameStack(golden.frames, model.image_size)
+    stack = FrameStack(golden.frames, model.config)
     with torch.inference_mode():
         features = model.encode_image(stack.model_input(3, model.device))
         points = (torch.from_numpy(ref[f"{prompt}/coords"]), torch.from_numpy(ref[f"{prompt}/labels"]))
@@ -65,7 +65,7 @@ def test_single_frame_point_prompts(golden, prompt):
 
 def test_single_frame_mask_prompt(golden):
     model, ref = golden.model, golden.single
-    stack = FrameStack(golden.frames, model.image_size)
+    stack = FrameStack(golden.frames, model.config)
     with torch.inference_mode():
         features = model.encode_image(stack.model_input(3, model.device))
         pred = model.predict(features, None, mask=torch.from_numpy(ref["mask/input"]))

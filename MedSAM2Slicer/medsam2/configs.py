@@ -79,6 +79,12 @@ class ModelConfig:
     backbone_stride: int = 16
     hidden_dim: int = 256
 
+    # Input conventions. SAM 2: stretch to S x S, ImageNet statistics, a padding token after every prompt.
+    # LiteMedSAM: longest side to S and zero padding, per-image min-max to [0, 1], a box as two tokens only.
+    input_resize: str = "stretch"
+    input_normalization: str = "imagenet"
+    box_padding_token: bool = True
+
     # SAM heads.
     use_high_res_features: bool = True
     iou_prediction_use_sigmoid: bool = True
@@ -160,6 +166,9 @@ def _medsam2_lite() -> ModelConfig:
         image_size=256,
         image_encoder="tinyvit",
         backbone_stride=4,
+        input_resize="longest_side",
+        input_normalization="minmax",
+        box_padding_token=False,
         use_high_res_features=False,
         iou_prediction_use_sigmoid=False,
         memory_attention_layers=2,

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .configs import ModelConfig
 from .errors import InputError
 
 # ImageNet statistics, with which every SAM 2 checkpoint was trained.
@@ -17,9 +18,11 @@ class FrameStack:
     """A ``[T, H, W]`` (gray, float in [0, 1]) or ``[T, H, W, 3]`` (uint8, or float in [0, 1]) sequence.
 
     Frames are converted one at a time when the model asks for them, so a long volume is never copied whole.
+    The model's input conventions come from its config: stretched to ``S x S`` with ImageNet statistics
+    (SAM 2), or longest side to ``S``, zero-padded at the bottom and right, min-max scaled (LiteMedSAM).
     """
 
-    def __init__(self, frames: np.ndarray | torch.Tensor, image_size: int) -> None:
+    def __init__(self, frames: np.ndarray | torch.Tensor, config: ModelConfig) -> None:
         if isinstance(frames, torch.Tensor):
             frames = frames.detach().cpu().numpy()
         frames = np.asarray(frames)
@@ -37,7 +40,13 @@ class FrameStack:
             raise InputError(f"Frames must be numeric, got dtype {frames.dtype}")
         self.frames = frames
         self.scale = 1 / 255 if frames.dtype == np.uint8 else 1.0
-        self.image_size = image_size
+        self.image_size = size = config.image_size
+        self.minmax = config.input_normalization == "minmax"
+        if config.input_resize == "longest_side":
+            factor = size / max(self.height, self.width)
+            self.content = (int(self.height * factor + 0.5), int(self.width * factor + 0.5))
+        else:
+            self.content = (size, size)
 
     def __len__(self) -> int:
         return self.frames.shape[0]

@@ -39,7 +39,7 @@ class Session:
         feature_cache_bytes: int = _DEFAULT_FEATURE_CACHE_BYTES,
     ) -> None:
         self.model = model
-        self.frames = FrameStack(frames, model.image_size)
+        self.frames = FrameStack(frames, model.config)
         self.options = memory or MemoryOptions()
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)

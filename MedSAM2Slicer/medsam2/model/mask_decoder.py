@@ -226,7 +226,7 @@ class MaskDecoder(nn.Module):
         delta = self.dynamic_multimask_stability_delta
         inner = (flat > delta).sum(dim=-1).float()
         outer = (flat > -delta).sum(dim=-1).float()
-        return torch.where(outer > 0, inner / outer, 0.0)
+        return torch.where(outer > 0, inner / outer, 1.0)
 
     def _dynamic_multimask_via_stability(
         self, all_masks: torch.Tensor, all_iou: torch.Tensor

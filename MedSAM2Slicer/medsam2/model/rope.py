@@ -24,19 +24,17 @@ def axial_rope_angles(head_dim: int, side: int, theta: float = 10000.0) -> torch
     index = torch.arange(side * side, dtype=torch.float32)
     cols = index % side
     rows = torch.div(index, side, rounding_mode="floor")
-    return torch.cat((torch.outer(cols, freqs), torch.outer(rows, freqs)), dim=1)
+    return torch.cat((torch.outer(rows, freqs), torch.outer(cols, freqs)), dim=1)
 
 
-def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the channel pairs of ``x [..., N, D]`` by per-token angles given as ``cos, sin [N, D / 2]``.
+def rotate_pairs(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """Rotate the channel pairs of ``x [..., N, D]`` by per-token unit complex numbers ``rotations [N, D / 2]``.
 
-    Computed in at least float32 (half-precision rotations would blur far-apart positions) and returned in
-    ``x``'s dtype.
+    Each pair is read as one complex number, so a rotation is a single complex multiply. Computed in at least
+    float32 (half-precision rotations would blur far-apart positions) and returned in ``x``'s dtype.
     """
-    pairs = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2))
-    even, odd = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
+    pairs = torch.view_as_complex(x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotations).flatten(-2).to(x.dtype)
 
 
 class AxialRoPE(nn.Module):
@@ -53,9 +51,10 @@ class AxialRoPE(nn.Module):
             raise ValueError(f"axial RoPE needs a head width divisible by 4, got {head_dim}")
         self.head_dim = head_dim
         self.theta = theta
-        self._cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cache: dict[tuple[int, torch.device], torch.Tensor] = {}
 
-    def _cos_sin(self, num_tokens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rotations(self, num_tokens: int, device: torch.device) -> torch.Tensor:
+        """Unit complex numbers ``[num_tokens, head_dim / 2]`` of the square grid with that many tokens."""
         side = math.isqrt(num_tokens)
         if side * side != num_tokens:
             raise ValueError(f"RoPE needs a square token grid, got {num_tokens} query tokens")
@@ -64,8 +63,8 @@ class AxialRoPE(nn.Module):
             # Built as normal tensors even under inference_mode, so a cache filled during inference still
             # serves a later training step.
             with torch.inference_mode(False), torch.no_grad():
-                angles = axial_rope_angles(self.head_dim, side, self.theta).to(device)
-                self._cache[key] = (angles.cos(), angles.sin())
+                angles = axial_rope_angles(self.head_dim, side, self.theta)
+                self._cache[key] = torch.polar(torch.ones_like(angles), angles).to(device)
         return self._cache[key]
 
     def forward(
@@ -77,8 +76,8 @@ class AxialRoPE(nn.Module):
         ``Nq``-token frames.
         """
         num_q = q.shape[-2]
-        cos, sin = self._cos_sin(num_q, q.device)
-        q = rotate_pairs(q, cos, sin)
+        rotations = self._rotations(num_q, q.device)
+        q = rotate_pairs(q, rotations)
 
         num_k_rope = k.shape[-2] - num_k_exclude
         if num_k_rope < 0:
@@ -93,7 +92,7 @@ class AxialRoPE(nn.Module):
             )
         # Views the keys as [..., frames, Nq, D] so one grid's angles broadcast over all frames.
         grid_keys = k[..., :num_k_rope, :].unflatten(-2, (num_frames, num_q))
-        rotated = rotate_pairs(grid_keys, cos, sin).flatten(-3, -2)
+        rotated = rotate_pairs(grid_keys, rotations).flatten(-3, -2)
         if num_k_exclude == 0:
             return q, rotated
         return q, torch.cat((rotated, k[..., num_k_rope:, :]), dim=-2)

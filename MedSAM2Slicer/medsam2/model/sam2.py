@@ -286,7 +286,12 @@ class SAM2Model(nn.Module):
                     mask_logits.float(), size=mask_size, mode="bilinear", align_corners=False, antialias=True
                 )
             mask_logits = mask_logits.to(embedding.dtype)
-        sparse, dense = self.sam_prompt_encoder(points=points, boxes=None, masks=mask_logits)
+        boxes = None
+        if not self.config.box_padding_token and bool((points[1][:, :2] >= 2).all()):
+            # SAM / LiteMedSAM convention: the box is two tokens of its own and no padding token follows.
+            boxes = points[0][:, :2].reshape(b, 4)
+            points = None if points[1].shape[1] == 2 else (points[0][:, 2:], points[1][:, 2:])
+        sparse, dense = self.sam_prompt_encoder(points=points, boxes=boxes, masks=mask_logits)
         masks, ious, tokens, object_score = self.sam_mask_decoder(
             image_embeddings=embedding,
             image_pe=self.sam_prompt_encoder.get_dense_pe(),
