@@ -3,12 +3,14 @@
 from .checkpoint import read_state_dict, save_state_dict
 from .configs import ModelConfig
 from .errors import Cancelled, CheckpointError, InputError, MedSAM2Error
+from .images import segment_images
 from .load import load_model, resolve_device
 from .memory import MemoryOptions
 from .model.build import build_model
 from .model.sam2 import SAM2Model
 from .prompts import Prompt
 from .session import Session
+from .volume import VolumeResult, segment_volume
 
 __all__ = [
     "Cancelled",
@@ -20,10 +22,13 @@ __all__ = [
     "Prompt",
     "SAM2Model",
     "Session",
+    "VolumeResult",
     "build_model",
     "load_model",
     "read_state_dict",
     "resolve_device",
     "save_state_dict",
+    "segment_images",
+    "segment_volume",
 ]
 __version__ = "0.1.0"

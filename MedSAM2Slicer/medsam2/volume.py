@@ -1,0 +1,348 @@
+"""Volume segmentation: the slices as video frames, along up to six orientations, aggregated by voting.
+
+Pass 1 tracks every object from its prompts along its prompt axis, forward and reverse. Each further axis is
+seeded with a mask prompt: the first pass's result on that axis's slice of largest cross-section; the user's
+prompts on that axis are added as corrections. A voxel's probability is the mean over the passes that visited
+it (or the majority of their votes).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+import torch
+
+from .errors import Cancelled, InputError
+from .memory import MemoryOptions
+from .model.sam2 import SAM2Model
+from .preprocess import prepare_intensities
+from .prompts import Prompt
+from .session import Session
+
+ProgressCallback = Callable[[int, int, str], None]
+
+# A direction stops after this many consecutive frames without any object, once past every prompt.
+_ABSENT_FRAMES_TO_STOP = 3
+# Margin around the first pass's bounding box for the extra axes: this fraction of the extent, or this many
+# voxels, whichever is larger.
+_ROI_MARGIN_FRACTION, _ROI_MARGIN_VOXELS = 0.15, 4
+
+
+class Aggregation(str, Enum):
+    MEAN = "mean"
+    MAJORITY = "majority"
+
+
+@dataclass
+class VolumeResult:
+    """``labels``: ``[Z, Y, X]`` object ids (0 = background); ``probabilities``: per object ``[Z, Y, X]``
+    float32 (mean probability, or fraction of positive votes); ``frames_visited``: model frame predictions
+    per pass; ``timings``: seconds per stage."""
+
+    labels: np.ndarray
+    probabilities: dict[int, np.ndarray]
+    frames_visited: dict[str, int] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class _Votes:
+    """Per-object running sums of the passes' probabilities (or positive votes) and of the number of passes."""
+
+    def __init__(self, shape: tuple[int, ...], obj_ids: Iterable[int], aggregate: Aggregation) -> None:
+        self.aggregate = aggregate
+        self.total = {i: np.zeros(shape, np.float32) for i in obj_ids}
+        self.count = np.zeros(shape, np.uint8)
+
+    def add(
+        self, axis: int, index: int, probabilities: dict[int, np.ndarray], window: tuple[slice, slice]
+    ) -> None:
+        """Add one pass's result on slice ``index`` of ``axis``, covering ``window`` of that slice."""
+        where = _slice_index(axis, index, window)
+        self.count[where] += 1
+        for obj_id, prob in probabilities.items():
+            vote = (prob > 0.5).astype(np.float32) if self.aggregate is Aggregation.MAJORITY else prob
+            self.total[obj_id][where] += vote
+
+    def result(self) -> dict[int, np.ndarray]:
+        visited = np.maximum(self.count, 1).astype(np.float32)
+        return {obj_id: total / visited for obj_id, total in self.total.items()}
+
+
+def _slice_index(axis: int, index: int, window: tuple[slice, slice]) -> tuple:
+    """Index of the 2D window of slice ``index`` along ``axis`` in a ``[Z, Y, X]`` array."""
+    where = list(window)
+    where.insert(axis, index)
+    return tuple(where)
+
+
+def segment_volume(
+    model: SAM2Model,
+    volume: np.ndarray,
+    prompts: Sequence[Prompt],
+    spacing: Sequence[float] | None = None,
+    modality: str = "auto",
+    window: str | tuple[float, float] | None = None,
+    orientations: int = 6,
+    aggregate: str = "mean",
+    memory: MemoryOptions | None = None,
+    roi: str | None = "auto",
+    progress: ProgressCallback | None = None,
+    cancel: threading.Event | None = None,
+    seed: int = 0,
+) -> VolumeResult:
+    """Segment the prompted objects through a ``[Z, Y, X]`` volume (never modified).
+
+    ``orientations``: 1 (prompt axis, forward only), 2 (prompt axis, both directions) or 6 (all three axes,
+    both directions). ``aggregate``: ``"mean"`` probability or ``"majority"`` vote. ``roi="auto"`` lets the
+    extra axes visit only the first pass's slices and in-plane box plus a margin (``None``: whole slices).
+    ``spacing`` (z, y, x in mm) widens that margin to at least 5 mm. ``progress(done, total, message)`` is
+    called as frames complete; setting ``cancel`` stops within one frame with :class:`Cancelled`.
+    """
+    started = time.perf_counter()
+    volume = _checked_volume(volume)
+    prompts = _checked_prompts(prompts, volume.shape)
+    if orientations not in (1, 2, 6):
+        raise InputError(f"orientations must be 1, 2 or 6, got {orientations!r}")
+    try:
+        aggregation = Aggregation(aggregate)
+    except ValueError:
+        raise InputError(f"aggregate must be 'mean' or 'majority', got {aggregate!r}") from None
+    if roi not in ("auto", None):
+        raise InputError(f"roi must be 'auto' or None, got {roi!r}")
+    memory = memory or MemoryOptions()
+    intensities = prepare_intensities(volume, modality=modality, window=window)
+    obj_ids = sorted({p.obj_id for p in prompts})
+    votes = _Votes(volume.shape, obj_ids, aggregation)
+    result = VolumeResult(np.zeros(volume.shape, np.uint8), {})
+    result.timings["prepare"] = time.perf_counter() - started
+    runner = _PassRunner(model, intensities, memory, seed, votes, result, progress, cancel)
+
+    primary_axis: dict[int, int] = {}
+    for p in prompts:
+        primary_axis.setdefault(p.obj_id, p.axis)
+    if orientations < 6 and any(p.axis != primary_axis[p.obj_id] for p in prompts):
+        raise InputError("Prompts of one object on several axes need orientations=6")
+    depth = {axis: volume.shape[axis] for axis in set(primary_axis.values())}
+    others = 2 * sum(volume.shape) - sum(depth.values()) if orientations == 6 else 0
+    runner.estimate(sum(depth.values()) + others)
+    for axis in sorted(depth):
+        objects = {o for o, a in primary_axis.items() if a == axis}
+        own = [p for p in prompts if p.obj_id in objects and p.axis == axis]
+        runner.run_axis(axis, own, window=None, both_directions=orientations > 1)
+    if orientations == 6:
+        first_pass = votes.result()
+        for axis in range(3):
+            objects = {o for o, a in primary_axis.items() if a != axis}
+            extra = [p for p in prompts if p.obj_id in objects and p.axis == axis]
+            seeds = _seed_prompts({o: first_pass[o] for o in objects}, axis)
+            if not seeds and not extra:
+                continue
+            window = None
+            if roi == "auto":
+                window = _roi_window(
+                    [first_pass[o] for o in objects], axis, spacing, [p.index for p in extra]
+                )
+            runner.run_axis(axis, seeds + extra, window=window, both_directions=True)
+
+    probabilities = votes.result()
+    result.probabilities = probabilities
+    result.labels = _labels(probabilities, obj_ids)
+    result.timings["total"] = time.perf_counter() - started
+    return result
+
+
+class _PassRunner:
+    """Runs the tracking passes along one axis and adds their votes."""
+
+    def __init__(
+        self,
+        model: SAM2Model,
+        intensities: np.ndarray,
+        memory: MemoryOptions,
+        seed: int,
+        votes: _Votes,
+        result: VolumeResult,
+        progress: ProgressCallback | None,
+        cancel: threading.Event | None,
+    ) -> None:
+        self.model, self.intensities, self.memory, self.seed = model, intensities, memory, seed
+        self.votes, self.result, self.progress, self.cancel = votes, result, progress, cancel
+        self.done, self.total = 0, 1
+
+    def estimate(self, total: int) -> None:
+        self.total = max(total, 1)
+
+    def run_axis(
+        self,
+        axis: int,
+        prompts: list[Prompt],
+        window: tuple[tuple[int, int], tuple[int, int], tuple[int, int]] | None,
+        both_directions: bool,
+    ) -> None:
+        """Track along ``axis``; ``window`` = (slice range, row range, column range) in that axis's frame order."""
+        started = time.perf_counter()
+        frames = np.moveaxis(self.intensities, axis, 0)
+        (first, last), rows, cols = window or (
+            (0, frames.shape[0]),
+            (0, frames.shape[1]),
+            (0, frames.shape[2]),
+        )
+        frames = frames[first:last, rows[0] : rows[1], cols[0] : cols[1]]
+        in_plane = (slice(*rows), slice(*cols))
+        session = Session(self.model, frames, memory=self.memory, seed=self.seed)
+        prompted = set()
+        for p in prompts:
+            local = _local_prompt(p, first, rows, cols)
+            session.add_prompt(
+                local.index,
+                obj_id=p.obj_id,
+                points=local.points,
+                labels=local.labels,
+                box=local.box,
+                mask=local.mask,
+            )
+            prompted.add(local.index)
+        name = ("axial", "coronal", "sagittal")[axis]
+        self._direction(
+            session, axis, first, in_plane, min(prompted), max(prompted), False, f"{name} forward"
+        )
+        if both_directions:
+            self._direction(
+                session, axis, first, in_plane, max(prompted), min(prompted), True, f"{name} reverse"
+            )
+        self.result.timings[f"{name}"] = self.result.timings.get(name, 0.0) + time.perf_counter() - started
+
+    def _direction(
+        self,
+        session: Session,
+        axis: int,
+        offset: int,
+        in_plane: tuple[slice, slice],
+        start: int,
+        last_prompt: int,
+        reverse: bool,
+        name: str,
+    ) -> None:
+        absent_run, visited = 0, 0
+        for t, logits in session.propagate(start=start, reverse=reverse):
+            self._check_cancel()
+            probabilities = {obj_id: _sigmoid(x) for obj_id, x in logits.items()}
+            self.votes.add(axis, offset + t, probabilities, in_plane)
+            visited += 1
+            self.done += 1
+            if self.progress is not None:
+                self.total = max(self.total, self.done)
+                self.progress(self.done, self.total, name)
+            past_prompts = t < last_prompt if reverse else t > last_prompt
+            absent_run = absent_run + 1 if all((x <= 0).all() for x in logits.values()) else 0
+            if past_prompts and absent_run >= _ABSENT_FRAMES_TO_STOP:
+                break
+        self.result.frames_visited[name] = visited
+
+    def _check_cancel(self) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled("Segmentation was cancelled; nothing was returned")
+
+
+def _sigmoid(logits: np.ndarray) -> np.ndarray:
+    return (1.0 / (1.0 + np.exp(-np.clip(logits, -60, 60)))).astype(np.float32)
+
+
+def _local_prompt(p: Prompt, first: int, rows: tuple[int, int], cols: tuple[int, int]) -> Prompt:
+    """The prompt in the coordinates of a cropped frame stack (slices from ``first``, rows and columns)."""
+    shift = np.array([cols[0], rows[0]], dtype=np.float64)
+    return Prompt(
+        axis=p.axis,
+        index=p.index - first,
+        obj_id=p.obj_id,
+        points=None if p.points is None else np.asarray(p.points) - shift,
+        labels=p.labels,
+        box=None if p.box is None else np.asarray(p.box) - np.tile(shift, 2),
+        mask=None if p.mask is None else p.mask[rows[0] : rows[1], cols[0] : cols[1]],
+    )
+
+
+def _seed_prompts(first_pass: dict[int, np.ndarray], axis: int) -> list[Prompt]:
+    """For each object, a mask prompt on the ``axis`` slice where the first pass found it largest."""
+    seeds = []
+    for obj_id, prob in first_pass.items():
+        mask = prob > 0.5
+        if not mask.any():
+            continue
+        other = tuple(a for a in range(3) if a != axis)
+        index = int(np.argmax(mask.sum(axis=other)))
+        seeds.append(Prompt(axis=axis, index=index, obj_id=obj_id, mask=np.take(mask, index, axis=axis)))
+    return seeds
+
+
+def _roi_window(
+    first_pass: list[np.ndarray],
+    axis: int,
+    spacing: Sequence[float] | None,
+    prompt_slices: list[int],
+) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]] | None:
+    """Slice range and in-plane box (in ``axis``'s frame order) around the objects, with a margin.
+
+    Slices with user prompts stay inside the range, and their presence keeps whole slices in-plane (the
+    prompts' coordinates refer to whole slices)."""
+    found = np.zeros(first_pass[0].shape, bool)
+    for prob in first_pass:
+        found |= prob > 0.5
+    if not found.any():
+        return None
+    order = [axis] + [a for a in range(3) if a != axis]
+    ranges = []
+    for a in order:
+        hits = np.flatnonzero(found.any(axis=tuple(b for b in range(3) if b != a)))
+        lo, hi = int(hits[0]), int(hits[-1]) + 1
+        margin = max(int(np.ceil(_ROI_MARGIN_FRACTION * (hi - lo))), _ROI_MARGIN_VOXELS)
+        if spacing is not None:
+            margin = max(margin, int(np.ceil(5.0 / float(spacing[a]))))
+        ranges.append((max(lo - margin, 0), min(hi + margin, found.shape[a])))
+    if prompt_slices:
+        ranges[0] = (min(ranges[0][0], *prompt_slices), max(ranges[0][1], max(prompt_slices) + 1))
+        ranges[1:] = [(0, found.shape[a]) for a in order[1:]]
+    return tuple(ranges)
+
+
+def _labels(probabilities: dict[int, np.ndarray], obj_ids: list[int]) -> np.ndarray:
+    """Each voxel gets the most probable object whose probability exceeds 0.5 (0 where none does)."""
+    dtype = np.uint8 if max(obj_ids) < 256 else np.uint16
+    stacked = np.stack([probabilities[i] for i in obj_ids])
+    best = stacked.argmax(axis=0)
+    labels = np.asarray(obj_ids, dtype=dtype)[best]
+    labels[stacked.max(axis=0) <= 0.5] = 0
+    return labels
+
+
+def _checked_volume(volume: np.ndarray) -> np.ndarray:
+    if isinstance(volume, torch.Tensor):
+        volume = volume.detach().cpu().numpy()
+    volume = np.asarray(volume)
+    if volume.ndim == 2:
+        raise InputError(
+            f"Got a 2D image of shape {volume.shape}, not a volume: use medsam2.segment_images for 2D images"
+        )
+    if volume.ndim != 3:
+        raise InputError(
+            f"Expected a scalar [Z, Y, X] volume, got shape {volume.shape} (4D and vector images are not supported)"
+        )
+    if min(volume.shape) < 2:
+        raise InputError(f"The volume {volume.shape} needs at least 2 voxels along every axis")
+    return volume
+
+
+def _checked_prompts(prompts: Sequence[Prompt], shape: tuple[int, ...]) -> list[Prompt]:
+    prompts = list(prompts)
+    if not prompts:
+        raise InputError("segment_volume needs at least one prompt")
+    for p in prompts:
+        if not isinstance(p, Prompt):
+            raise InputError(f"Prompts must be medsam2.Prompt objects, got {type(p).__name__}")
+        p.check_fits(shape)
+    return prompts
