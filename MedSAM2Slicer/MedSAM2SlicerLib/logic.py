@@ -1,0 +1,377 @@
+"""Slicer-side logic: volume and prompts in, one segment out, with corrections re-propagated.
+
+A run has three steps so that the slow one can leave the GUI thread (MRML is not thread-safe):
+
+1. ``prepare`` (GUI thread) copies the voxels, geometry and prompts out of the scene into a ``Request``;
+2. ``run`` (any thread, e.g. a :class:`~MedSAM2SlicerLib.worker.Worker`) calls the engine on numpy arrays;
+3. ``apply`` (GUI thread) writes the result into the segment.
+
+``segment`` does all three in a row. Nothing in the scene changes before ``apply``, so a cancelled or failed
+run leaves the segmentation as it was.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from medsam2.errors import InputError
+from medsam2.prompts import Prompt
+
+from .geometry import VolumeGeometry, volume_array, volume_geometry
+from .prompts import prompts_from_nodes
+from .segment_writer import SegmentWriter
+from .segments import read_segment_mask
+
+ProgressCallback = Callable[[int, int, str], None]
+
+
+@dataclass
+class Request:
+    """Everything one engine run needs, copied out of the scene: no MRML access while it runs.
+
+    ``kept_slices`` are slices along ``kept_axis`` (corrections drawn by the user) that the written result
+    takes verbatim from ``kept_masks``, whatever the engine said there.
+    """
+
+    volume: np.ndarray  # [K, J, I], a private copy
+    geometry: VolumeGeometry
+    prompts: list[Prompt]
+    options: dict
+    segmentation_node: object
+    segment_id: str | None
+    volume_node_id: str
+    threshold: float | None = None
+    kept_axis: int = 0
+    kept_slices: list[int] = field(default_factory=list)
+    kept_masks: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def obj_id(self) -> int:
+        return self.prompts[0].obj_id
+
+
+@dataclass
+class Correction:
+    """What ``correct`` did: the segment it re-propagated and the edited slices it started from."""
+
+    segment_id: str
+    axis: int
+    slices: list[int]
+
+
+@dataclass
+class _RunRecord:
+    """The last run written into a segment, to tell user edits apart and to re-use its prompts."""
+
+    volume_node_id: str
+    prompts: list[Prompt]
+    options: dict
+    threshold: float | None
+    written: np.ndarray  # np.packbits of the written [K, J, I] mask
+    shape: tuple[int, int, int]
+
+    def written_mask(self) -> np.ndarray:
+        count = int(np.prod(self.shape))
+        return np.unpackbits(self.written, count=count).astype(bool).reshape(self.shape)
+
+
+class SegmentationLogic:
+    """Segments one object through a volume from prompts on one slice, and writes it into a segment.
+
+    ``model`` is a registry name, a checkpoint path (both loaded with ``medsam2.load_model`` on first use) or
+    an already loaded model. ``engine`` is a callable with the signature of ``medsam2.segment_volume``
+    (the default, looked up at call time); tests inject their own.
+    """
+
+    def __init__(
+        self,
+        model="medsam2-lite",
+        device: str = "auto",
+        engine: Callable | None = None,
+        undo_levels: int = 10,
+    ) -> None:
+        self.model = model
+        self.device = device
+        self.engine = engine
+        self.writer = SegmentWriter(undo_levels)
+        self._loaded_model = None if isinstance(model, str) or hasattr(model, "__fspath__") else model
+        self._model_lock = threading.Lock()
+        self._runs: dict[tuple[str, str], _RunRecord] = {}
+
+    # -- prompts --------------------------------------------------------------------------------------------
+
+    def prompts_from_nodes(
+        self,
+        volume_node,
+        points_node=None,
+        roi_node=None,
+        mask_segment=None,
+        slice_axis=None,
+        negative_points_node=None,
+    ) -> list[Prompt]:
+        """Markups in RAS and a segment on a slice -> engine prompts (see :mod:`MedSAM2SlicerLib.prompts`)."""
+        return prompts_from_nodes(
+            volume_node,
+            points_node,
+            roi_node,
+            mask_segment,
+            slice_axis,
+            negative_points_node=negative_points_node,
+        )
+
+    # -- segmenting -----------------------------------------------------------------------------------------
+
+    def segment(
+        self,
+        volume_node,
+        segmentation_node,
+        prompts: Sequence[Prompt],
+        segment_id: str | None = None,
+        options: dict | None = None,
+        progress: ProgressCallback | None = None,
+        cancel: threading.Event | None = None,
+        threshold: float | None = None,
+    ) -> str:
+        """Segment the prompted object through the volume into ``segment_id`` (new if None); returns its ID.
+
+        ``options`` are keyword arguments of ``medsam2.segment_volume``; ``threshold`` (0..1) cuts the
+        object's probability map instead of taking the engine's labels.
+        """
+        request = self.prepare(volume_node, segmentation_node, prompts, segment_id, options, threshold)
+        return self.apply(request, self.run(request, progress, cancel))
+
+    def prepare(
+        self,
+        volume_node,
+        segmentation_node,
+        prompts: Sequence[Prompt],
+        segment_id: str | None = None,
+        options: dict | None = None,
+        threshold: float | None = None,
+    ) -> Request:
+        """Copy what a run needs out of the scene (GUI thread)."""
+        prompts = list(prompts)
+        if not prompts:
+            raise InputError("No prompts: place points, an ROI or choose a mask segment first")
+        object_ids = sorted({p.obj_id for p in prompts})
+        if len(object_ids) > 1:
+            raise InputError(
+                f"The prompts are for objects {object_ids}; one segment holds one object, so segment them "
+                "one at a time"
+            )
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise InputError(f"threshold must be between 0 and 1, got {threshold}")
+        geometry = volume_geometry(volume_node)
+        for prompt in prompts:
+            prompt.check_fits(geometry.shape)
+        return Request(
+            volume=volume_array(volume_node),
+            geometry=geometry,
+            prompts=prompts,
+            options=dict(options or {}),
+            segmentation_node=segmentation_node,
+            segment_id=segment_id,
+            volume_node_id=volume_node.GetID(),
+            threshold=threshold,
+        )
+
+    def run(
+        self,
+        request: Request,
+        progress: ProgressCallback | None = None,
+        cancel: threading.Event | None = None,
+    ):
+        """Call the engine (any thread). Raises ``medsam2.Cancelled`` when ``cancel`` is set."""
+        engine = self.engine
+        if engine is None:
+            import medsam2
+
+            engine = medsam2.segment_volume
+        return engine(
+            self.loaded_model(),
+            request.volume,
+            request.prompts,
+            spacing=request.geometry.spacing,
+            progress=progress,
+            cancel=cancel,
+            **request.options,
+        )
+
+    def apply(self, request: Request, result) -> str:
+        """Write the engine's result into the segment (GUI thread); returns the segment ID."""
+        mask = object_mask(result, request.obj_id, request.geometry.shape, request.threshold)
+        for index, kept in zip(request.kept_slices, request.kept_masks, strict=True):
+            _put_slice(mask, request.kept_axis, index, kept)
+        # Undoing this write also forgets its run record, so later edits are compared with what is shown.
+        runs_before = dict(self._runs)
+        segment_id = self.writer.write(
+            request.segmentation_node,
+            mask,
+            request.geometry,
+            request.segment_id,
+            on_undo=lambda: setattr(self, "_runs", runs_before),
+        )
+        self._runs[(request.segmentation_node.GetID(), segment_id)] = _RunRecord(
+            request.volume_node_id,
+            list(request.prompts),
+            request.options,
+            request.threshold,
+            np.packbits(mask.ravel()),
+            request.geometry.shape,
+        )
+        return segment_id
+
+    def loaded_model(self):
+        """The model, loaded on first use (thread-safe)."""
+        with self._model_lock:
+            if self._loaded_model is None:
+                import medsam2
+
+                self._loaded_model = medsam2.load_model(self.model, device=self.device)
+            return self._loaded_model
+
+    def undo(self) -> bool:
+        """Take back the latest write into a segment; False when there is nothing to undo."""
+        return self.writer.undo()
+
+    # -- corrections ----------------------------------------------------------------------------------------
+
+    def correct(
+        self,
+        volume_node,
+        segmentation_node,
+        segment_id: str,
+        slices: Sequence[int] | None = None,
+        axis: int | str | None = None,
+        options: dict | None = None,
+        progress: ProgressCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Correction:
+        """Re-propagate one segment from slices the user corrected; other segments are not touched.
+
+        See :meth:`prepare_correction` for how the corrected slices are found and used.
+        """
+        request, correction = self.prepare_correction(
+            volume_node, segmentation_node, segment_id, slices, axis, options
+        )
+        self.apply(request, self.run(request, progress, cancel))
+        return correction
+
+    def prepare_correction(
+        self,
+        volume_node,
+        segmentation_node,
+        segment_id: str,
+        slices: Sequence[int] | None = None,
+        axis: int | str | None = None,
+        options: dict | None = None,
+    ) -> tuple[Request, Correction]:
+        """A run that re-segments ``segment_id`` starting from its corrected slices (GUI thread).
+
+        Each corrected slice, as the segment now shows it, becomes a mask prompt; prompts of the segment's
+        last run on other slices are kept, so the first clicks still count. The corrected slices are written
+        back exactly as drawn. ``slices`` (along ``axis``, default the last run's prompt axis) can be given;
+        when None they are found by comparing the segment with what the last run wrote, along the axis
+        where the edits touch the fewest slices.
+        """
+        geometry = volume_geometry(volume_node)
+        current = read_segment_mask(segmentation_node, segment_id, geometry)
+        record = self._runs.get((segmentation_node.GetID(), segment_id))
+        if record is not None and (
+            record.volume_node_id != volume_node.GetID() or record.shape != geometry.shape
+        ):
+            record = None  # segmented on another volume: its prompts do not apply here
+        first_axis = record.prompts[0].axis if record else geometry.view_axis("axial")
+        if slices is None:
+            if record is None:
+                raise InputError(
+                    f"Segment '{segment_id}' was not made by MedSAM2 here, so its edits cannot be found: "
+                    "pass the slices you corrected"
+                )
+            axis, slices = _edited_slices(
+                current ^ record.written_mask(), first_axis, segment_id, axis, geometry
+            )
+        else:
+            axis = first_axis if axis is None else geometry.resolve_axis(axis)
+            slices = sorted({int(s) for s in slices})
+            if not slices or min(slices) < 0 or max(slices) >= geometry.shape[axis]:
+                raise InputError(f"Corrected slices {slices} must lie in 0..{geometry.shape[axis] - 1}")
+        masks = [np.take(current, index, axis=axis) for index in slices]
+        obj_id = record.prompts[0].obj_id if record else 1
+        prompts = [
+            Prompt(axis=axis, index=i, obj_id=obj_id, mask=m)
+            for i, m in zip(slices, masks, strict=True)
+            if m.any()
+        ]
+        if not prompts:
+            raise InputError(
+                f"Segment '{segment_id}' is empty on the corrected slices {slices}: nothing to start from"
+            )
+        if record is not None:
+            prompts = [p for p in record.prompts if not (p.axis == axis and p.index in slices)] + prompts
+        merged_options = {**(record.options if record else {}), **(options or {})}
+        request = self.prepare(
+            volume_node,
+            segmentation_node,
+            prompts,
+            segment_id,
+            merged_options,
+            record.threshold if record else None,
+        )
+        request.kept_axis, request.kept_slices, request.kept_masks = axis, slices, masks
+        return request, Correction(segment_id, axis, slices)
+
+
+def object_mask(
+    result, obj_id: int, shape: tuple[int, int, int], threshold: float | None = None
+) -> np.ndarray:
+    """Boolean ``[K, J, I]`` mask of one object of an engine result.
+
+    Its voxels in ``result.labels``, or where its probability is at least ``threshold`` when one is given.
+    """
+    if threshold is None:
+        labels = np.asarray(result.labels)
+        if labels.shape != tuple(shape):
+            raise RuntimeError(f"The engine returned labels of shape {labels.shape}, expected {tuple(shape)}")
+        return labels == obj_id
+    probabilities = result.probabilities.get(obj_id)
+    if probabilities is None:
+        raise RuntimeError(f"The engine returned no probabilities for object {obj_id}")
+    probabilities = np.asarray(probabilities)
+    if probabilities.shape != tuple(shape):
+        raise RuntimeError(
+            f"The engine returned probabilities of shape {probabilities.shape}, expected {shape}"
+        )
+    return probabilities >= threshold
+
+
+def _put_slice(volume: np.ndarray, axis: int, index: int, image: np.ndarray) -> None:
+    where = [slice(None)] * 3
+    where[axis] = index
+    volume[tuple(where)] = image
+
+
+def _edited_slices(
+    edits: np.ndarray, first_axis: int, segment_id: str, axis: int | str | None, geometry: VolumeGeometry
+) -> tuple[int, list[int]]:
+    """Axis and slices holding the user's edits (voxels that differ from what the last run wrote)."""
+    if not edits.any():
+        raise InputError(
+            f"Segment '{segment_id}' has not been edited since MedSAM2 wrote it: nothing to propagate"
+        )
+
+    def touched(a: int) -> list[int]:
+        others = tuple(b for b in range(3) if b != a)
+        return np.flatnonzero(edits.any(axis=others)).tolist()
+
+    if axis is not None:
+        axis = geometry.resolve_axis(axis)
+    else:
+        # Edits drawn in one view touch few slices along its normal and many along the other axes.
+        order = [first_axis] + [a for a in range(3) if a != first_axis]
+        axis = min(order, key=lambda a: len(touched(a)))
+    return axis, touched(axis)

@@ -1,0 +1,638 @@
+"""MedSAM2SlicerLib against a real MRML scene from the slicer-core wheel, with an oracle engine.
+
+The oracle engine paints each prompt at its own slice (box, mask, positive points), so the segment written
+back must cover exactly the voxels under the prompt: any error in geometry, axis choice or writing shows.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import slicer
+import slicerio
+import vtk
+from vtk.util import numpy_support
+
+import medsam2
+from medsam2.errors import Cancelled, InputError
+from MedSAM2SlicerLib import MaskSegment, SegmentationLogic, Worker, read_segment_mask, volume_geometry
+from MedSAM2SlicerLib.geometry import VolumeGeometry, volume_array
+
+DATA = Path(slicerio.__file__).parent / "data"
+SEGMENT_LOGIC = slicer.vtkSlicerSegmentationsModuleLogic
+REFERENCE_GEOMETRY = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+
+
+# -- scene helpers (plain MRML / vtk, independent of the code under test) ------------------------------------
+
+
+def vtk_matrix(array):
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(array[r][c]))
+    return matrix
+
+
+def numpy_matrix(matrix):
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+@pytest.fixture
+def scene():
+    return slicer.vtkMRMLScene()
+
+
+def load_ct(scene):
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CTChest4")
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(DATA / "CTChest4.nrrd"))
+    assert storage.ReadData(volume)
+    return volume
+
+
+def load_segmentation(scene):
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Segmentation")
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(DATA / "Segmentation.seg.nrrd"))
+    assert storage.ReadData(segmentation)
+    return segmentation
+
+
+def make_volume(scene, voxels, ijk_to_ras, name="volume"):
+    image = vtk.vtkImageData()
+    image.SetDimensions(voxels.shape[2], voxels.shape[1], voxels.shape[0])
+    image.GetPointData().SetScalars(
+        numpy_support.numpy_to_vtk(np.ascontiguousarray(voxels).ravel(), deep=True)
+    )
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    volume.SetAndObserveImageData(image)
+    volume.SetIJKToRASMatrix(vtk_matrix(ijk_to_ras))
+    return volume
+
+
+def add_transform(scene, matrix, node):
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    transform.SetMatrixTransformToParent(vtk_matrix(matrix))
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    return transform
+
+
+def world_of(volume, i, j, k):
+    """World RAS of voxel (i, j, k) through MRML's own matrices and transforms."""
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(ijk_to_ras)
+    ras = ijk_to_ras.MultiplyPoint((i, j, k, 1.0))[:3]
+    to_world = vtk.vtkGeneralTransform()
+    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(volume.GetParentTransformNode(), None, to_world)
+    return np.array(to_world.TransformPoint(ras))
+
+
+def add_points(scene, volume, ijk_points, labels=None, name="points"):
+    node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
+    for n, ijk in enumerate(ijk_points):
+        node.AddControlPoint(vtk.vtkVector3d(*world_of(volume, *ijk)), labels[n] if labels else f"P-{n + 1}")
+    return node
+
+
+def node_to_world(node):
+    matrix = vtk.vtkMatrix4x4()
+    if node.GetParentTransformNode():
+        node.GetParentTransformNode().GetMatrixTransformToWorld(matrix)
+    return numpy_matrix(matrix)
+
+
+def world_grid(volume):
+    """The volume's IJK-to-world matrix, from MRML's own matrices."""
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(ijk_to_ras)
+    return node_to_world(volume) @ numpy_matrix(ijk_to_ras)
+
+
+def segment_on_grid(segmentation, segment_id, volume):
+    """A segment as a [K, J, I] mask, read with Slicer's own API; checks it lies on the volume's world grid."""
+    image = slicer.vtkOrientedImageData()
+    assert SEGMENT_LOGIC.GetSegmentBinaryLabelmapRepresentation(segmentation, segment_id, image, True)
+    full = np.zeros(volume.GetImageData().GetDimensions()[::-1], dtype=bool)
+    x0, x1, y0, y1, z0, z1 = image.GetExtent()
+    if x1 >= x0:
+        matrix = vtk.vtkMatrix4x4()
+        image.GetImageToWorldMatrix(matrix)
+        np.testing.assert_allclose(numpy_matrix(matrix), world_grid(volume), atol=1e-6)
+        voxels = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+        label = segmentation.GetSegmentation().GetSegment(segment_id).GetLabelValue()
+        full[z0 : z1 + 1, y0 : y1 + 1, x0 : x1 + 1] = (
+            voxels.reshape(z1 - z0 + 1, y1 - y0 + 1, x1 - x0 + 1) == label
+        )
+    return full
+
+
+def all_segments(segmentation, volume):
+    seg = segmentation.GetSegmentation()
+    ids = [seg.GetNthSegmentID(n) for n in range(seg.GetNumberOfSegments())]
+    return {sid: segment_on_grid(segmentation, sid, volume) for sid in ids}
+
+
+def assert_same_segments(before, after):
+    assert before.keys() == after.keys()
+    for sid in before:
+        assert before[sid].sum() == after[sid].sum() and np.array_equal(before[sid], after[sid]), sid
+
+
+class OracleEngine:
+    """Engine stand-in: paints every prompt's box, mask and positive points at its slice (inclusive box)."""
+
+    def __init__(self, cancel_after=None, scribble=False):
+        self.calls = []
+        self.cancel_after = cancel_after
+        self.scribble = scribble
+
+    def __call__(self, model, volume, prompts, spacing=None, progress=None, cancel=None, **options):
+        self.calls.append(
+            SimpleNamespace(model=model, prompts=list(prompts), spacing=spacing, options=options)
+        )
+        labels = np.zeros(volume.shape, dtype=np.uint8)
+        for n, prompt in enumerate(prompts):
+            if progress is not None:
+                progress(n + 1, len(prompts), f"prompt {n + 1}")
+            if self.cancel_after == n:
+                cancel.wait(5)
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("stopped")
+            image = np.moveaxis(labels, prompt.axis, 0)[prompt.index]
+            if prompt.box is not None:
+                x0, y0, x1, y1 = np.rint(prompt.box).astype(int)
+                image[y0 : y1 + 1, x0 : x1 + 1] = prompt.obj_id
+            if prompt.mask is not None:
+                image[prompt.mask] = prompt.obj_id
+            if prompt.points is not None:
+                for (x, y), positive in zip(prompt.points, prompt.labels, strict=True):
+                    if positive:
+                        image[int(round(y)), int(round(x))] = prompt.obj_id
+        if self.scribble:
+            volume[...] = 0
+        probabilities = {p.obj_id: (labels == p.obj_id).astype(np.float32) for p in prompts}
+        return SimpleNamespace(labels=labels, probabilities=probabilities, timings={})
+
+
+def painted(shape, axis, index, box=None, points=()):
+    """Expected [K, J, I] mask: an inclusive box (x0, y0, x1, y1) and points (x, y) on one slice."""
+    mask = np.zeros(shape, dtype=bool)
+    image = np.moveaxis(mask, axis, 0)[index]
+    if box is not None:
+        image[box[1] : box[3] + 1, box[0] : box[2] + 1] = True
+    for x, y in points:
+        image[y, x] = True
+    return mask
+
+
+def new_logic(engine=None):
+    return SegmentationLogic(model=SimpleNamespace(name="oracle"), engine=engine or OracleEngine())
+
+
+# -- geometry ------------------------------------------------------------------------------------------------
+
+
+def test_ct_array_and_geometry_match_simpleitk(scene):
+    volume = load_ct(scene)
+    image = sitk.ReadImage(str(DATA / "CTChest4.nrrd"))
+    np.testing.assert_array_equal(volume_array(volume), sitk.GetArrayFromImage(image))
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
+    expected = np.eye(4)
+    expected[:3, :3] = lps_to_ras @ np.reshape(image.GetDirection(), (3, 3)) @ np.diag(image.GetSpacing())
+    expected[:3, 3] = lps_to_ras @ np.array(image.GetOrigin())
+    geometry = volume_geometry(volume)
+    np.testing.assert_allclose(geometry.ijk_to_world, expected, atol=1e-6)
+    assert geometry.shape == (34, 128, 128)
+    np.testing.assert_allclose(geometry.spacing, image.GetSpacing()[::-1])
+
+
+def test_closest_axis_for_standard_permuted_and_oblique_grids():
+    permuted = np.eye(4)
+    permuted[:3, :3] = np.array([[0, 1, 0], [0, 0, 2], [1, 0, 0]])  # i -> S, j -> R, k -> A
+    axis = np.array([1.0, 1.0, 1.0]) / np.sqrt(3)
+    angle = np.deg2rad(20)
+    cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    rotation = np.eye(3) + np.sin(angle) * cross + (1 - np.cos(angle)) * cross @ cross
+    oblique = permuted.copy()
+    oblique[:3, :3] = rotation @ permuted[:3, :3]
+    for matrix in (permuted, oblique):
+        geometry = VolumeGeometry((10, 20, 30), matrix)
+        assert [geometry.view_axis(v) for v in ("axial", "coronal", "sagittal")] == [2, 0, 1]
+    standard = VolumeGeometry((10, 20, 30), np.diag([0.7, 0.7, 5.0, 1.0]))
+    assert [standard.view_axis(v) for v in ("axial", "coronal", "sagittal")] == [0, 1, 2]
+
+
+# -- prompts and the written segment -------------------------------------------------------------------------
+
+VIEWS = {  # view: (array axis, slice index, box (x0, y0, x1, y1) on that slice)
+    "axial": (0, 17, (40, 50, 70, 66)),
+    "coronal": (1, 64, (30, 10, 90, 20)),
+    "sagittal": (2, 80, (45, 8, 95, 25)),
+}
+
+
+def kji_to_ijk(axis, index, x, y):
+    kji = [0.0, 0.0, 0.0]
+    rows, columns = (a for a in range(3) if a != axis)
+    kji[axis], kji[rows], kji[columns] = index, y, x
+    return kji[::-1]
+
+
+@pytest.mark.parametrize("view", list(VIEWS))
+@pytest.mark.parametrize("name_the_view", [True, False])
+def test_markups_in_ras_land_on_the_right_slice_and_voxels(scene, view, name_the_view):
+    volume = load_ct(scene)
+    axis, index, (x0, y0, x1, y1) = VIEWS[view]
+    positives = [(x0 + 3, y0 + 2), (x1 - 1, y1)]
+    points = add_points(
+        scene,
+        volume,
+        [kji_to_ijk(axis, index, x, y) for x, y in positives + [(5, 3)]],
+        labels=["a", "b", "-background"],
+    )
+    # An ROI as drawn in that view: thin along the normal, edges 0.4 voxel outside the box's voxel centres.
+    low = np.array(kji_to_ijk(axis, index - 0.2, x0 - 0.4, y0 - 0.4))
+    high = np.array(kji_to_ijk(axis, index + 0.2, x1 + 0.4, y1 + 0.4))
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    a, b = world_of(volume, *low), world_of(volume, *high)
+    roi.SetCenter(*((a + b) / 2))
+    roi.SetSize(*np.abs(b - a))
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    logic = new_logic()
+
+    prompts = logic.prompts_from_nodes(volume, points, roi, slice_axis=view if name_the_view else None)
+    assert len(prompts) == 1
+    prompt = prompts[0]
+    assert (prompt.axis, prompt.index) == (axis, index)
+    np.testing.assert_allclose(prompt.points, positives + [(5, 3)], atol=1e-6)
+    assert list(prompt.labels) == [1, 1, 0]
+    np.testing.assert_array_equal(prompt.box, (x0, y0, x1, y1))
+    # Without points the ROI alone tells the view: it is thinnest along the view's normal.
+    (from_roi,) = logic.prompts_from_nodes(volume, roi_node=roi, slice_axis=view if name_the_view else None)
+    assert (from_roi.axis, from_roi.index, from_roi.points) == (axis, index, None)
+    np.testing.assert_array_equal(from_roi.box, (x0, y0, x1, y1))
+
+    segment_id = logic.segment(volume, segmentation, prompts)
+    expected = painted((34, 128, 128), axis, index, (x0, y0, x1, y1))
+    np.testing.assert_array_equal(segment_on_grid(segmentation, segment_id, volume), expected)
+    assert logic.engine.calls[0].spacing == pytest.approx(volume_geometry(volume).spacing)
+
+
+def test_points_on_several_slices_are_refused_by_name(scene):
+    volume = load_ct(scene)
+    points = add_points(scene, volume, [(10, 20, 5), (30, 40, 6)], labels=["liver top", "liver low"])
+    with pytest.raises(InputError, match="liver top.*slice 5.*liver low.*slice 6"):
+        new_logic().prompts_from_nodes(volume, points, slice_axis="axial")
+    with pytest.raises(InputError, match="not on one slice along any axis"):
+        new_logic().prompts_from_nodes(volume, points)
+    outside = add_points(scene, volume, [(10, 20, 40)], labels=["far"])
+    with pytest.raises(InputError, match="'far'.*outside the volume"):
+        new_logic().prompts_from_nodes(volume, outside)
+
+
+def test_negative_points_by_description_and_by_second_node(scene):
+    volume = load_ct(scene)
+    positive = add_points(scene, volume, [(10, 20, 5), (11, 20, 5)], labels=["p1", "p2"])
+    positive.SetNthControlPointDescription(1, "Negative")
+    negative = add_points(scene, volume, [(12, 22, 5), (90, 90, 30)], labels=["n", "being placed"])
+    negative.UnsetNthControlPointPosition(1)  # not placed yet: ignored
+    (prompt,) = new_logic().prompts_from_nodes(volume, positive, negative_points_node=negative, slice_axis=0)
+    np.testing.assert_allclose(prompt.points, [(10, 20), (11, 20), (12, 22)], atol=1e-6)
+    assert list(prompt.labels) == [1, 0, 0]
+
+
+def test_mask_segment_prompt_is_resampled_onto_the_volume_grid(scene):
+    volume = load_ct(scene)
+    reference = load_segmentation(scene)
+    lung = reference.GetSegmentation().GetSegmentIdBySegmentName("right lung")
+    lung_voxels = segment_on_grid(reference, lung, volume)
+    (prompt,) = new_logic().prompts_from_nodes(volume, mask_segment=(reference, lung, 20, "axial"))
+    assert (prompt.axis, prompt.index) == (0, 20) and prompt.mask.sum() > 500
+    np.testing.assert_array_equal(prompt.mask, lung_voxels[20])
+
+    # Moved one voxel to the right (+R is +i here): the mask must move one column.
+    add_transform(scene, [[1, 0, 0, 3.046875953674319], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], reference)
+    (shifted,) = new_logic().prompts_from_nodes(volume, mask_segment=MaskSegment(reference, lung, 20, 0))
+    np.testing.assert_array_equal(shifted.mask[:, 1:], lung_voxels[20][:, :-1])
+
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    logic = new_logic()
+    segment_id = logic.segment(volume, segmentation, [prompt])
+    expected = np.zeros_like(lung_voxels)
+    expected[20] = lung_voxels[20]
+    np.testing.assert_array_equal(segment_on_grid(segmentation, segment_id, volume), expected)
+    with pytest.raises(InputError, match="empty on slice 0"):
+        new_logic().prompts_from_nodes(volume, mask_segment=(reference, lung, 0, "axial"))
+
+
+def test_segment_lands_on_a_permuted_oblique_volume(scene):
+    voxels = volume_array(load_ct(scene))
+    matrix = np.eye(4)
+    angle = np.deg2rad(25)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    matrix[:3, :3] = rotation @ np.array([[0, 3.0, 0], [0, 0, 10.0], [3.0, 0, 0]])  # i -> S, j -> ~R, k -> ~A
+    matrix[:3, 3] = (12.5, -30.0, 7.0)
+    volume = make_volume(scene, voxels, matrix, "oblique")
+    ijk = [(64, 10, 3), (64, 100, 30), (64, 50, 17)]
+    points = add_points(scene, volume, ijk)
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    logic = new_logic()
+    (prompt,) = logic.prompts_from_nodes(volume, points, slice_axis="axial")
+    assert (prompt.axis, prompt.index) == (2, 64)
+    segment_id = logic.segment(volume, segmentation, [prompt])
+    expected = painted(voxels.shape, 2, 64, points=[(j, k) for _, j, k in ijk])
+    np.testing.assert_array_equal(segment_on_grid(segmentation, segment_id, volume), expected)
+
+
+def test_segment_lands_on_a_volume_under_parent_transforms(scene):
+    volume = load_ct(scene)
+    turn = [[0, -1, 0, 40.0], [1, 0, 0, -25.0], [0, 0, 1, 15.0], [0, 0, 0, 1]]  # 90 degrees about S: i -> A
+    add_transform(scene, turn, volume)
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    add_transform(scene, [[1, 0, 0, 7.0], [0, 1, 0, -3.0], [0, 0, 1, 11.0], [0, 0, 0, 1]], segmentation)
+    ijk = [(70, 20, 10), (70, 90, 25)]
+    points = add_points(scene, volume, ijk)  # placed in world, where the transformed voxels are
+    logic = new_logic()
+    (prompt,) = logic.prompts_from_nodes(volume, points, slice_axis="coronal")
+    assert (prompt.axis, prompt.index) == (2, 70)
+    segment_id = logic.segment(volume, segmentation, [prompt])
+    expected = painted((34, 128, 128), 2, 70, points=[(j, k) for _, j, k in ijk])
+    np.testing.assert_array_equal(segment_on_grid(segmentation, segment_id, volume), expected)
+    np.testing.assert_array_equal(
+        read_segment_mask(segmentation, segment_id, volume_geometry(volume)), expected
+    )
+    # The segmentation's reference grid (in its own coordinates) is the volume's grid.
+    grid, extent = vtk.vtkMatrix4x4(), [0] * 6
+    reference = segmentation.GetSegmentation().GetConversionParameter(REFERENCE_GEOMETRY)
+    assert slicer.vtkSegmentationConverter.DeserializeImageGeometry(reference, grid, extent)
+    assert extent == [0, 127, 0, 127, 0, 33]
+    np.testing.assert_allclose(
+        node_to_world(segmentation) @ numpy_matrix(grid), world_grid(volume), atol=1e-6
+    )
+
+
+def test_non_linear_transforms_and_surface_segmentations_are_refused(scene):
+    volume = load_ct(scene)
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "surfaces")
+    segmentation.GetSegmentation().SetSourceRepresentationName("Closed surface")
+    prompt = medsam2.prompts.Prompt(axis=0, index=3, box=(1, 1, 9, 9))
+    with pytest.raises(InputError, match="'surfaces' is stored as 'Closed surface'.*'Binary labelmap'"):
+        new_logic().segment(volume, segmentation, [prompt])
+    assert segmentation.GetSegmentation().GetNumberOfSegments() == 0
+    grid = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "warp")
+    volume.SetAndObserveTransformNodeID(grid.GetID())
+    points = add_points(scene, volume, [(10, 20, 5)])
+    with pytest.raises(InputError, match="non-linear transform 'warp'.*Harden"):
+        new_logic().prompts_from_nodes(volume, points)
+
+
+def test_other_segments_and_volume_voxels_are_untouched(scene):
+    volume = load_ct(scene)
+    segmentation = load_segmentation(scene)
+    voxels = volume_array(volume)
+    before = all_segments(segmentation, volume)
+    logic = new_logic(OracleEngine(scribble=True))  # the engine even overwrites its input array
+    roi_box = (20, 40, 100, 90)  # overlaps both lungs and the tissue segment on slice 20
+    prompt = medsam2.prompts.Prompt(axis=0, index=20, box=roi_box)
+    segment_id = logic.segment(volume, segmentation, [prompt])
+    after = all_segments(segmentation, volume)
+    new = after.pop(segment_id)
+    np.testing.assert_array_equal(new, painted(voxels.shape, 0, 20, roi_box))
+    assert_same_segments(before, after)
+    np.testing.assert_array_equal(volume_array(volume), voxels)
+
+
+def test_undo_restores_an_existing_segment_and_removes_a_new_one(scene):
+    volume = load_ct(scene)
+    segmentation = load_segmentation(scene)
+    before = all_segments(segmentation, volume)
+    tissue = segmentation.GetSegmentation().GetSegmentIdBySegmentName("tissue")
+    logic = new_logic()
+    prompt = medsam2.prompts.Prompt(axis=1, index=60, box=(10, 5, 50, 25))
+    assert logic.segment(volume, segmentation, [prompt], segment_id=tissue) == tissue
+    expected = painted((34, 128, 128), 1, 60, (10, 5, 50, 25))
+    np.testing.assert_array_equal(segment_on_grid(segmentation, tissue, volume), expected)
+    new_id = logic.segment(volume, segmentation, [prompt])
+    assert segmentation.GetSegmentation().GetNumberOfSegments() == 8
+    assert logic.undo() and logic.undo() and not logic.undo()
+    assert_same_segments(before, all_segments(segmentation, volume))
+    assert segmentation.GetSegmentation().GetSegment(new_id) is None
+
+
+def test_mrml_scene_undo_takes_the_write_back_when_enabled(scene):
+    volume = load_ct(scene)
+    segmentation = load_segmentation(scene)
+    before = all_segments(segmentation, volume)
+    scene.SetUndoOn()
+    segmentation.SetUndoEnabled(True)
+    lung = segmentation.GetSegmentation().GetSegmentIdBySegmentName("left lung")
+    new_logic().segment(
+        volume, segmentation, [medsam2.prompts.Prompt(axis=0, index=3, box=(1, 1, 9, 9))], lung
+    )
+    assert not np.array_equal(all_segments(segmentation, volume)[lung], before[lung])
+    scene.Undo()
+    assert_same_segments(before, all_segments(segmentation, volume))
+
+
+@pytest.mark.parametrize("failure", ["cancelled", "bad result", "write error"])
+def test_cancelled_or_failed_run_leaves_segmentations_unchanged(scene, failure, monkeypatch):
+    volume = load_ct(scene)
+    loaded, empty = load_segmentation(scene), scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    tissue = loaded.GetSegmentation().GetSegmentIdBySegmentName("tissue")
+    before = all_segments(loaded, volume)
+    geometry_before = loaded.GetSegmentation().GetConversionParameter(REFERENCE_GEOMETRY)
+    prompt = medsam2.prompts.Prompt(axis=0, index=10, box=(10, 10, 40, 40))
+    logic = new_logic()
+    cancel = threading.Event()
+    if failure == "cancelled":
+        cancel.set()
+        error = Cancelled
+    elif failure == "bad result":
+        logic.engine = lambda *args, **kwargs: SimpleNamespace(labels=np.zeros((3, 3, 3), np.uint8))
+        error = RuntimeError
+    else:  # fails after the segment was added, before its voxels are written
+
+        def broken(*args):
+            raise OSError("disk full")
+
+        monkeypatch.setattr("MedSAM2SlicerLib.segment_writer.oriented_image", broken)
+        error = OSError
+    for segmentation, segment_id in [(loaded, None), (loaded, tissue), (empty, None), (empty, "new")]:
+        with pytest.raises(error):
+            logic.segment(volume, segmentation, [prompt], segment_id, cancel=cancel)
+    assert_same_segments(before, all_segments(loaded, volume))
+    assert loaded.GetSegmentation().GetConversionParameter(REFERENCE_GEOMETRY) == geometry_before
+    assert empty.GetSegmentation().GetNumberOfSegments() == 0
+    assert empty.GetSegmentation().GetConversionParameter(REFERENCE_GEOMETRY) == ""
+    assert not logic.undo()
+
+
+def test_correction_re_propagates_only_the_corrected_object(scene):
+    volume = load_ct(scene)
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    engine = OracleEngine()
+    logic = new_logic(engine)
+    first = medsam2.prompts.Prompt(axis=0, index=15, box=(30, 30, 60, 60))
+    other = medsam2.prompts.Prompt(axis=0, index=15, box=(80, 80, 100, 100))
+    a = logic.segment(volume, segmentation, [first])
+    b = logic.segment(volume, segmentation, [other])
+    b_before = segment_on_grid(segmentation, b, volume)
+    with pytest.raises(InputError, match="not been edited"):
+        logic.correct(volume, segmentation, a)
+
+    # The user redraws object A on slice 18 (Slicer's own API, as the Segment Editor would).
+    edited = segment_on_grid(segmentation, a, volume)
+    edited[18, 40:50, 35:45] = True
+    geometry = volume_geometry(volume)
+    image = slicer.vtkOrientedImageData()
+    image.SetDimensions(128, 128, 34)
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = edited.ravel()
+    image.SetImageToWorldMatrix(vtk_matrix(geometry.ijk_to_world))
+    assert SEGMENT_LOGIC.SetBinaryLabelmapToSegment(image, segmentation, a, SEGMENT_LOGIC.MODE_REPLACE)
+
+    correction = logic.correct(volume, segmentation, a)
+    assert (correction.segment_id, correction.axis, correction.slices) == (a, 0, [18])
+    prompts = engine.calls[-1].prompts
+    assert len(engine.calls) == 3 and [(p.axis, p.index) for p in prompts] == [(0, 15), (0, 18)]
+    np.testing.assert_array_equal(prompts[0].box, first.box)
+    np.testing.assert_array_equal(prompts[1].mask, edited[18])
+    np.testing.assert_array_equal(segment_on_grid(segmentation, a, volume), edited)
+    np.testing.assert_array_equal(segment_on_grid(segmentation, b, volume), b_before)
+    assert b_before.sum() == 21 * 21
+    # Undoing the correction also brings back the run it is compared with, so the edit is found again.
+    assert logic.undo()
+    assert logic.correct(volume, segmentation, a).slices == [18]
+
+    # Slices can be named, e.g. for a segment drawn by hand, which has no earlier run.
+    hand = logic.writer.write(segmentation, edited, geometry, segment_name="hand drawn")
+    logic.correct(volume, segmentation, hand, slices=[18], axis="axial")
+    assert [(p.axis, p.index) for p in engine.calls[-1].prompts] == [(0, 18)]
+    np.testing.assert_array_equal(
+        segment_on_grid(segmentation, hand, volume), edited & (np.arange(34) == 18)[:, None, None]
+    )
+
+    # Whatever the engine says on a corrected slice, the slice keeps what the user drew.
+    logic.engine = lambda model, volume, prompts, **kwargs: SimpleNamespace(
+        labels=np.ones(volume.shape, np.uint8)
+    )
+    logic.correct(volume, segmentation, hand, slices=[18], axis=0)
+    expected = np.ones_like(edited)
+    expected[18] = edited[18]
+    np.testing.assert_array_equal(segment_on_grid(segmentation, hand, volume), expected)
+
+
+def test_model_is_loaded_once_on_first_use_and_default_engine_is_looked_up(scene, monkeypatch):
+    loads = []
+    monkeypatch.setattr(
+        medsam2, "load_model", lambda name, device: loads.append((name, device)) or "MODEL", raising=False
+    )
+    engine = OracleEngine()
+    monkeypatch.setattr(medsam2, "segment_volume", engine, raising=False)
+    logic = SegmentationLogic("medsam2-lite", device="cpu")
+    assert loads == []
+    volume = load_ct(scene)
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    prompt = medsam2.prompts.Prompt(axis=0, index=5, box=(1, 1, 9, 9))
+    logic.segment(volume, segmentation, [prompt], options={"orientations": 2})
+    logic.segment(volume, segmentation, [prompt], threshold=0.5)
+    assert loads == [("medsam2-lite", "cpu")]
+    assert [c.model for c in engine.calls] == ["MODEL", "MODEL"]
+    assert engine.calls[0].options == {"orientations": 2}
+
+
+def test_threshold_cuts_the_probability_map(scene):
+    volume = load_ct(scene)
+    ramp = np.broadcast_to(np.linspace(0, 1, 128, dtype=np.float32), (34, 128, 128))
+
+    def engine(model, volume, prompts, **kwargs):
+        return SimpleNamespace(labels=np.ones(volume.shape, np.uint8), probabilities={1: ramp})
+
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    logic = new_logic(engine)
+    prompt = medsam2.prompts.Prompt(axis=0, index=5, points=[(3, 3)])
+    segment_id = logic.segment(volume, segmentation, [prompt], threshold=0.75)
+    np.testing.assert_array_equal(segment_on_grid(segmentation, segment_id, volume), ramp >= 0.75)
+
+
+# -- worker thread -------------------------------------------------------------------------------------------
+
+
+def test_worker_runs_jobs_in_order_on_one_background_thread_with_progress():
+    worker = Worker()
+    threads = []
+
+    def job(n, progress, cancel):
+        threads.append(threading.get_ident())
+        for step in range(3):
+            progress(step + 1, 3, f"job {n} step {step + 1}")
+        return n * 10
+
+    jobs = [worker.submit(job, n) for n in range(3)]
+    assert [j.result(timeout=5) for j in jobs] == [0, 10, 20]
+    assert len(set(threads)) == 1 and threads[0] != threading.get_ident()
+    updates = jobs[1].progress_updates()
+    assert [(p.done, p.total, p.message) for p in updates] == [(s, 3, f"job 1 step {s}") for s in (1, 2, 3)]
+    assert jobs[1].progress_updates() == []
+    worker.shutdown(timeout=5)
+
+
+def test_worker_cancels_running_and_queued_jobs_and_returns_errors():
+    worker = Worker()
+    started = threading.Event()
+
+    def long_job(progress, cancel):
+        started.set()
+        while not cancel.wait(0.01):
+            progress(0, 1, "waiting")
+        raise Cancelled("stopped by the user")
+
+    def failing_job(progress, cancel):
+        raise ValueError("bad volume")
+
+    running = worker.submit(long_job)
+    queued = worker.submit(long_job)
+    failing = worker.submit(failing_job)
+    assert started.wait(5)
+    assert not running.done
+    queued.cancel()
+    running.cancel()
+    with pytest.raises(Cancelled, match="stopped by the user"):
+        running.result(timeout=5)
+    with pytest.raises(Cancelled, match="before it started"):
+        queued.result(timeout=5)
+    with pytest.raises(ValueError, match="bad volume"):
+        failing.result(timeout=5)
+    assert isinstance(failing.exception(), ValueError)
+    with pytest.raises(TimeoutError):
+        worker.submit(lambda progress, cancel: time.sleep(0.5)).result(timeout=0.01)
+    worker.shutdown(timeout=5)
+
+
+def test_logic_run_on_the_worker_and_apply_on_the_caller_thread(scene):
+    volume = load_ct(scene)
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    logic = new_logic(OracleEngine(cancel_after=0))  # waits for the cancel event
+    prompt = medsam2.prompts.Prompt(axis=0, index=9, box=(5, 5, 20, 20))
+    worker = Worker()
+    cancelled = worker.submit(logic.run, logic.prepare(volume, segmentation, [prompt]))
+    cancelled.cancel()
+    with pytest.raises(Cancelled):
+        cancelled.result(timeout=5)
+    assert segmentation.GetSegmentation().GetNumberOfSegments() == 0
+
+    logic.engine.cancel_after = None
+    request = logic.prepare(volume, segmentation, [prompt])
+    job = worker.submit(logic.run, request)
+    segment_id = logic.apply(request, job.result(timeout=5))
+    assert [(p.done, p.total) for p in job.progress_updates()] == [(1, 1)]
+    expected = painted((34, 128, 128), 0, 9, (5, 5, 20, 20))
+    np.testing.assert_array_equal(segment_on_grid(segmentation, segment_id, volume), expected)
+    worker.shutdown(timeout=5)
