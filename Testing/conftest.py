@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
+import pytest
 import torch
 
 # The suite runs tiny models, for which extra threads only add synchronisation cost; on a loaded 2-core
 # machine they made the tests 20x slower. MEDSAM2_TEST_THREADS overrides.
 torch.set_num_threads(int(os.environ.get("MEDSAM2_TEST_THREADS", "1")))
+
+
+# Official key names and shapes of the 8 SAM 2 / 2.1 presets, measured by instantiating the official configs
+# (a copy of shared/reference/sam2-keys.json, so that the suite needs nothing outside the repository).
+SAM2_KEYS_FILE = Path(__file__).parent / "data" / "sam2-keys.json"
+
+
+@pytest.fixture(scope="session")
+def sam2_keys() -> dict:
+    return json.loads(SAM2_KEYS_FILE.read_text())

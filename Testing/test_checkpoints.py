@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import pickle
 import zipfile
 from pathlib import Path
@@ -13,8 +12,6 @@ import torch
 import medsam2
 from medsam2.checkpoint import detect_preset, read_state_dict, save_state_dict
 
-# Official key names and shapes of every preset, measured by instantiating the official configs.
-REFERENCE = Path(__file__).parent / "data" / "sam2-keys.json"
 PRESETS = {
     "sam2_hiera_t": "configs/sam2/sam2_hiera_t.yaml",
     "sam2_hiera_s": "configs/sam2/sam2_hiera_s.yaml",
@@ -28,8 +25,8 @@ PRESETS = {
 
 
 @pytest.fixture(scope="module")
-def reference() -> dict:
-    return json.loads(REFERENCE.read_text())
+def reference(sam2_keys) -> dict:
+    return sam2_keys
 
 
 @pytest.fixture(scope="module")

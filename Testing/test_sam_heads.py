@@ -3,9 +3,7 @@ by scripts/oracle/check_sam_heads.py; here: shapes, checkpoint keys and behaviou
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -56,13 +54,6 @@ def _keys_and_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
     return {k: list(v.shape) for k, v in module.state_dict().items()}
 
 
-def _reference_keys_file() -> Path | None:
-    candidates = [REPO / "shared/reference/sam2-keys.json", REPO.parent / "shared/reference/sam2-keys.json"]
-    if "MEDSAM2_REFERENCE_DIR" in os.environ:
-        candidates.insert(0, Path(os.environ["MEDSAM2_REFERENCE_DIR"]) / "sam2-keys.json")
-    return next((p for p in candidates if p.is_file()), None)
-
-
 # --- checkpoint layout -------------------------------------------------------------------------------------
 
 
@@ -78,11 +69,8 @@ def test_sam2_heads_have_official_key_and_parameter_counts():
 
 
 @pytest.mark.parametrize("preset", ["configs/sam2/sam2_hiera_t.yaml", "configs/sam2.1/sam2.1_hiera_l.yaml"])
-def test_sam2_heads_match_official_keys_and_shapes(preset):
-    path = _reference_keys_file()
-    if path is None:
-        pytest.skip("sam2-keys.json not found (set MEDSAM2_REFERENCE_DIR)")
-    official = dict(json.loads(path.read_text())[preset]["keys"])
+def test_sam2_heads_match_official_keys_and_shapes(preset, sam2_keys):
+    official = dict(sam2_keys[preset]["keys"])
     prompt_encoder, decoder = _sam2_heads()
     for module, prefix in ((prompt_encoder, "sam_prompt_encoder."), (decoder, "sam_mask_decoder.")):
         expected = {k[len(prefix) :]: shape for k, shape in official.items() if k.startswith(prefix)}

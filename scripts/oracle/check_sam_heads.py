@@ -56,6 +56,8 @@ def randomize_(module: torch.nn.Module, generator: torch.Generator) -> None:
 
 
 def build_pair(image_size: int, sam2_heads: bool, generator: torch.Generator):
+    # The matrices take their init from the global RNG: seed it so that every check is reproducible alone.
+    torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
     grid = image_size // 16
     official_pe = OfficialPromptEncoder(
         embed_dim=EMBED_DIM,
@@ -243,7 +245,7 @@ def main() -> int:
         worst = max(worst, compare(image_size, sam2_heads=True, seed=image_size))
     worst = max(worst, compare(1024, sam2_heads=False, seed=1))
     print()
-    for scale in (1.0, 8.0, 1000.0):  # all fall back, a mix (2 of 8 with seed 7), none
+    for scale in (1.0, 15.0, 20.0, 1000.0):  # all fall back, mixes (7 and 1 of 8), none
         worst = max(worst, check_stability_selection(scale))
     check_harness_sees_a_difference()
     print(f"\nworst max abs difference: {worst:.3e} (tolerance {TOLERANCE:.0e})")
