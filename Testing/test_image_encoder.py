@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
 
-from medsam2.model.hiera import Hiera, MultiScaleBlock, window_partition, window_unpartition
+from medsam2.model.hiera import (
+    Hiera,
+    MultiScaleAttention,
+    MultiScaleBlock,
+    window_partition,
+    window_unpartition,
+)
 from medsam2.model.image_encoder import FpnNeck, ImageEncoder
 from medsam2.model.position_encoding import PositionEmbeddingSine
 
@@ -48,24 +51,21 @@ def randomize(module: torch.nn.Module, seed: int = 0) -> None:
             p.copy_(torch.randn(p.shape, generator=gen) / (p[0].numel() ** 0.5 if p.ndim > 1 else 10))
 
 
-def reference_keys_path() -> Path | None:
-    candidates = [os.environ.get("MEDSAM2_SAM2_KEYS", ""), "/work/shared/reference/sam2-keys.json"]
-    return next((Path(c) for c in candidates if c and Path(c).is_file()), None)
-
-
 # ---------------------------------------------------------------------------------------------- shapes
 
 
-@pytest.mark.parametrize("size", [64, 160])
-def test_output_structure_and_shapes(size: int) -> None:
-    encoder = build_encoder(TINY)
+@pytest.mark.parametrize(("trunk", "size"), [("tiny", 64), ("tiny", 160), ("t", 128)])
+def test_output_structure_and_shapes(trunk: str, size: int) -> None:
+    args = TINY if trunk == "tiny" else PRESETS[trunk]
+    c = args["embed_dim"]
+    encoder = build_encoder(args)
     randomize(encoder)
     images = torch.randn(2, 3, size, size)
     with torch.inference_mode():
         stages = encoder.trunk(images)
         out = encoder(images)
     assert [tuple(s.shape) for s in stages] == [
-        (2, 8 * 2**i, size // 4 // 2**i, size // 4 // 2**i) for i in range(4)
+        (2, c * 2**i, size // 4 // 2**i, size // 4 // 2**i) for i in range(4)
     ]
     assert set(out) == {"vision_features", "vision_pos_enc", "backbone_fpn"}
     expected = [
@@ -82,27 +82,18 @@ def test_output_structure_and_shapes(size: int) -> None:
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_preset_keys_shapes_and_output_shapes(preset: str) -> None:
-    # Built on the meta device: shapes and keys without allocating (or computing) anything.
+def test_preset_keys_and_shapes(preset: str, sam2_keys: dict) -> None:
+    # Built on the meta device: keys and shapes without allocating anything.
     with torch.device("meta"):
         encoder = build_encoder(PRESETS[preset])
-        out = encoder(torch.empty(1, 3, 1024, 1024))
     state = encoder.state_dict()
     n_keys, n_params, proj_blocks = OFFICIAL_FACTS[preset]
     assert len(state) == n_keys
     assert sum(t.numel() for t in state.values()) == n_params
     assert sorted(int(k.split(".")[2]) for k in state if k.endswith(".proj.weight") and ".blocks." in k and
                   ".attn." not in k) == proj_blocks  # fmt: skip
-    assert [tuple(f.shape) for f in out["backbone_fpn"]] == [
-        (1, 256, 256, 256),
-        (1, 256, 128, 128),
-        (1, 256, 64, 64),
-    ]
 
-    path = reference_keys_path()
-    if path is None:
-        pytest.skip("sam2-keys.json not available (set MEDSAM2_SAM2_KEYS)")
-    presets = json.loads(path.read_text())
+    presets = sam2_keys
     for version in ("sam2/sam2", "sam2.1/sam2.1"):
         reference = {
             name.removeprefix("image_encoder."): shape
@@ -159,6 +150,42 @@ def test_window_covering_the_map_equals_global_attention(q_stride: tuple[int, in
     padded = MultiScaleBlock(8, dim_out, num_heads=2, window_size=8, q_stride=q_stride)
     padded.load_state_dict(windowed.state_dict())
     assert not torch.allclose(padded(x), global_(x), atol=1e-3)
+
+
+def test_pooled_attention_matches_explicit_softmax() -> None:
+    # The checkpoint's qkv rows are [q | k | v], each split head-major; pooled queries are 2x2 maxima.
+    torch.manual_seed(0)
+    heads, dim, dim_out = 2, 6, 8
+    attn = MultiScaleAttention(dim, dim_out, heads, q_stride=(2, 2))
+    randomize(attn)
+    x = torch.randn(1, 4, 6, dim)
+    q, k, v = (x @ attn.qkv.weight.T + attn.qkv.bias).split(dim_out, dim=-1)
+    corners = (q[:, 0::2, 0::2], q[:, 0::2, 1::2], q[:, 1::2, 0::2], q[:, 1::2, 1::2])
+    q = torch.stack(corners).amax(0)
+    q, k, v = (t.reshape(-1, heads, dim_out // heads) for t in (q, k, v))  # [tokens, heads, head_dim]
+    weights = torch.softmax(torch.einsum("qhc,khc->hqk", q, k) / (dim_out // heads) ** 0.5, dim=-1)
+    mixed = torch.einsum("hqk,khc->qhc", weights, v).reshape(1, 2, 3, dim_out)
+    torch.testing.assert_close(attn(x), attn.proj(mixed), rtol=1e-5, atol=1e-5)
+
+
+def test_residual_path_of_blocks() -> None:
+    torch.manual_seed(0)
+    plain = MultiScaleBlock(8, 8, num_heads=2, window_size=4)
+    transition = MultiScaleBlock(8, 16, num_heads=2, window_size=4, q_stride=(2, 2))
+    for block in (plain, transition):
+        randomize(block)
+        with torch.no_grad():  # silence the attention and MLP branches, leaving the residual
+            for layer in (block.attn.proj, block.mlp.layers[1]):
+                layer.weight.zero_()
+                layer.bias.zero_()
+    x = torch.randn(2, 8, 12, 8)
+    # Inside a stage the residual is the raw input, not the normalized one.
+    torch.testing.assert_close(plain(x), x)
+    # At a stage transition it is the projected, normalized input, max-pooled.
+    expected = torch.nn.functional.max_pool2d(
+        transition.proj(transition.norm1(x)).permute(0, 3, 1, 2), kernel_size=2
+    ).permute(0, 2, 3, 1)
+    torch.testing.assert_close(transition(x), expected)
 
 
 def test_windowed_block_keeps_changes_inside_their_window() -> None:
