@@ -27,8 +27,9 @@ sys.path.insert(0, str(ROOT / "MedSAM2Slicer"))
 sys.path.insert(0, str(Path(__file__).parent))
 
 import make_golden  # noqa: E402  (the float32-memory patch and the official predictor module)
-import medsam2  # noqa: E402
 from sam2.build_sam import build_sam2_video_predictor  # noqa: E402
+
+import medsam2  # noqa: E402
 
 
 def machine() -> str:
@@ -58,63 +59,79 @@ def frames(count: int, size: int) -> np.ndarray:
     return (np.stack(out) * 255).astype(np.uint8)
 
 
-def timed(fn, repeats: int) -> float:
-    times = []
+def timed(fn, repeats: int) -> tuple[float, float]:
+    """Median wall time and median CPU time (all threads of the process) of ``fn``, in seconds.
+
+    On a shared machine the CPU time is the fairer comparison: it does not count time spent waiting for a core.
+    """
+    wall, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return statistics.median(wall), statistics.median(cpu)
+
+
+def bench_size(size: int, args: argparse.Namespace) -> None:
+    official = build_sam2_video_predictor(
+        "configs/sam2.1/sam2.1_hiera_t.yaml",
+        ckpt_path=None,
+        device="cpu",
+        hydra_overrides_extra=[f"++model.image_size={size}", "++model.fill_hole_area=0"],
+    ).eval()
+    ours = medsam2.build_model(medsam2.ModelConfig.preset("sam2.1_hiera_t", image_size=size))
+    ours.load_state_dict(official.state_dict(), strict=True)
+    video = frames(args.frames, size)
+    images = make_golden.model_images(video, size)
+    box = [0.25 * size, 0.3 * size, 0.55 * size, 0.7 * size]
+
+    with torch.inference_mode():
+        enc_theirs = timed(lambda: official.forward_image(images[:1]), args.repeats)
+        enc_ours = timed(lambda: ours.encode_image(images[:1]), args.repeats)
+
+    def run_official():
+        make_golden.official_vp.load_video_frames = lambda **kw: (images, size, size)
+        state = official.init_state(video_path="unused")
+        official.add_new_points_or_box(state, 0, 1, box=box)
+        for _ in official.propagate_in_video(state):
+            pass
+
+    def run_ours():
+        session = medsam2.Session(ours, video, memory=medsam2.MemoryOptions(policy="recent"))
+        session.add_prompt(0, 1, box=box)
+        for _ in session.propagate():
+            pass
+
+    prop_theirs = timed(run_official, max(1, args.repeats - 1))
+    prop_ours = timed(run_ours, max(1, args.repeats - 1))
+    for part, theirs, mine in (
+        ("image encoder, 1 frame", enc_theirs, enc_ours),
+        (f"{args.frames}-frame propagation", prop_theirs, prop_ours),
+    ):
+        print(
+            f"| {size} | {part} | {theirs[0]:.2f} / {theirs[1]:.2f} | {mine[0]:.2f} / {mine[1]:.2f} | "
+            f"{mine[1] / theirs[1]:.2f} |"
+        )
+    sys.stdout.flush()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     make_golden.keep_memory_in_float32()
     print(f"Machine: {machine()}\n")
-    print("| image size | part | official (s) | ours (s) | ours / official |")
+    print("| image size | part | official wall / CPU (s) | ours wall / CPU (s) | ours / official (CPU) |")
     print("|---|---|---|---|---|")
     for size in args.sizes:
-        official = build_sam2_video_predictor(
-            "configs/sam2.1/sam2.1_hiera_t.yaml",
-            ckpt_path=None,
-            device="cpu",
-            hydra_overrides_extra=[f"++model.image_size={size}", "++model.fill_hole_area=0"],
-        ).eval()
-        ours = medsam2.build_model(medsam2.ModelConfig.preset("sam2.1_hiera_t", image_size=size))
-        ours.load_state_dict(official.state_dict(), strict=True)
-        video = frames(args.frames, size)
-        images = make_golden.model_images(video, size)
-        box = [0.25 * size, 0.3 * size, 0.55 * size, 0.7 * size]
-
-        with torch.inference_mode():
-            enc_theirs = timed(lambda: official.forward_image(images[:1]), args.repeats)
-            enc_ours = timed(lambda: ours.encode_image(images[:1]), args.repeats)
-
-        def run_official():
-            make_golden.official_vp.load_video_frames = lambda **kw: (images, size, size)
-            state = official.init_state(video_path="unused")
-            official.add_new_points_or_box(state, 0, 1, box=box)
-            for _ in official.propagate_in_video(state):
-                pass
-
-        def run_ours():
-            session = medsam2.Session(ours, video, memory=medsam2.MemoryOptions(policy="recent"))
-            session.add_prompt(0, 1, box=box)
-            for _ in session.propagate():
-                pass
-
-        prop_theirs = timed(run_official, max(1, args.repeats - 1))
-        prop_ours = timed(run_ours, max(1, args.repeats - 1))
-        print(f"| {size} | image encoder, 1 frame | {enc_theirs:.3f} | {enc_ours:.3f} | {enc_ours / enc_theirs:.2f} |")
-        print(
-            f"| {size} | {args.frames}-frame propagation | {prop_theirs:.2f} | {prop_ours:.2f} | "
-            f"{prop_ours / prop_theirs:.2f} |"
-        )
-        sys.stdout.flush()
+        bench_size(size, args)
 
 
 if __name__ == "__main__":
