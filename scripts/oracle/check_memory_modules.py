@@ -1,6 +1,6 @@
 """Parity of our memory attention + memory encoder with the official SAM 2 ones (test oracle, run by hand).
 
-    /work/oracle_venv/bin/python scripts/oracle/check_memory_modules.py
+    /work/oracle_venv/bin/python scripts/oracle/check_memory_modules.py [--timing-only --threads 1 --repeats 5]
 
 Builds the official ``sam2.modeling`` MemoryAttention (RoPEAttention layers, built with RoPE grids of 64x64 and
 of 32x32 as in the current and the older configs) and MemoryEncoder with SAM 2's settings, copies their random
@@ -11,6 +11,7 @@ attention call (64x64 tokens, 7 memory frames + 16 object pointers) of each. Exi
 
 from __future__ import annotations
 
+import argparse
 import copy
 import statistics
 import sys
@@ -222,9 +223,24 @@ def time_memory_attention(generator: torch.Generator, repeats: int = 3) -> None:
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--no-timing", action="store_true")
+    parser.add_argument("--timing-only", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per implementation")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads for the timing")
+    opts = parser.parse_args()
     generator = torch.Generator().manual_seed(0)
-    worst = max(check_memory_attention(generator), check_memory_encoder(generator))
-    time_memory_attention(generator)
+    worst = 0.0
+    if not opts.timing_only:
+        worst = max(check_memory_attention(generator), check_memory_encoder(generator))
+    if not opts.no_timing:
+        if opts.threads:
+            torch.set_num_threads(opts.threads)
+        time_memory_attention(generator, opts.repeats)
+    if opts.timing_only:
+        return 0
     ok = worst <= TOLERANCE
     print(f"worst max|diff| {worst:.2e}  tolerance {TOLERANCE:.0e}  -> {'OK' if ok else 'FAIL'}")
     return 0 if ok else 1

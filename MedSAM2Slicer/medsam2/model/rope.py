@@ -24,7 +24,7 @@ def axial_rope_angles(head_dim: int, side: int, theta: float = 10000.0) -> torch
     index = torch.arange(side * side, dtype=torch.float32)
     cols = index % side
     rows = torch.div(index, side, rounding_mode="floor")
-    return torch.cat((torch.outer(rows, freqs), torch.outer(cols, freqs)), dim=1)
+    return torch.cat((torch.outer(cols, freqs), torch.outer(rows, freqs)), dim=1)
 
 
 def rotate_pairs(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
@@ -40,7 +40,7 @@ def rotate_pairs(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
 class AxialRoPE(nn.Module):
     """Applies axial RoPE to queries and keys of one attention call; has no parameters.
 
-    The grid is inferred at run time from the query count (it must be a square number), and its angles are cached
+    The grid is inferred at run time from the query count (it must be a square number), and its rotations are cached
     per (grid side, device). Keys may hold several frames' grids back to back (``repeat_k``), each rotated like the
     queries, followed by ``num_k_exclude`` tokens that carry no grid position (object pointers) and stay as they are.
     """
