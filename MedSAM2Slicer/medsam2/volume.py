@@ -51,26 +51,32 @@ class VolumeResult:
 
 
 class _Votes:
-    """Per-object running sums of the passes' probabilities (or positive votes) and of the number of passes."""
+    """Per-object running sums of the passes' probabilities (or positive votes) and of the number of passes.
+
+    Passes are counted per object: a pass along one axis may track only some of the objects, and must not
+    dilute the others' votes.
+    """
 
     def __init__(self, shape: tuple[int, ...], obj_ids: Iterable[int], aggregate: Aggregation) -> None:
         self.aggregate = aggregate
         self.total = {i: np.zeros(shape, np.float32) for i in obj_ids}
-        self.count = np.zeros(shape, np.uint8)
+        self.count = {i: np.zeros(shape, np.uint8) for i in self.total}
 
     def add(
         self, axis: int, index: int, probabilities: dict[int, np.ndarray], window: tuple[slice, slice]
     ) -> None:
         """Add one pass's result on slice ``index`` of ``axis``, covering ``window`` of that slice."""
         where = _slice_index(axis, index, window)
-        self.count[where] += 1
         for obj_id, prob in probabilities.items():
             vote = (prob > 0.5).astype(np.float32) if self.aggregate is Aggregation.MAJORITY else prob
             self.total[obj_id][where] += vote
+            self.count[obj_id][where] += 1
 
     def result(self) -> dict[int, np.ndarray]:
-        visited = np.maximum(self.count, 1).astype(np.float32)
-        return {obj_id: total / visited for obj_id, total in self.total.items()}
+        return {
+            obj_id: total / np.maximum(self.count[obj_id], 1).astype(np.float32)
+            for obj_id, total in self.total.items()
+        }
 
 
 def _slice_index(axis: int, index: int, window: tuple[slice, slice]) -> tuple:
@@ -94,12 +100,14 @@ def segment_volume(
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
     seed: int = 0,
+    early_stop: bool = True,
 ) -> VolumeResult:
     """Segment the prompted objects through a ``[Z, Y, X]`` volume (never modified).
 
     ``orientations``: 1 (prompt axis, forward only), 2 (prompt axis, both directions) or 6 (all three axes,
     both directions). ``aggregate``: ``"mean"`` probability or ``"majority"`` vote. ``roi="auto"`` lets the
     extra axes visit only the first pass's slices and in-plane box plus a margin (``None``: whole slices).
+    ``early_stop`` ends a direction once every object has been absent for a few slices past the prompts.
     ``spacing`` (z, y, x in mm) widens that margin to at least 5 mm. ``progress(done, total, message)`` is
     called as frames complete; setting ``cancel`` stops within one frame with :class:`Cancelled`.
     """
@@ -120,7 +128,7 @@ def segment_volume(
     votes = _Votes(volume.shape, obj_ids, aggregation)
     result = VolumeResult(np.zeros(volume.shape, np.uint8), {})
     result.timings["prepare"] = time.perf_counter() - started
-    runner = _PassRunner(model, intensities, memory, seed, votes, result, progress, cancel)
+    runner = _PassRunner(model, intensities, memory, seed, votes, result, progress, cancel, early_stop)
 
     primary_axis: dict[int, int] = {}
     for p in prompts:
@@ -128,8 +136,10 @@ def segment_volume(
     if orientations < 6 and any(p.axis != primary_axis[p.obj_id] for p in prompts):
         raise InputError("Prompts of one object on several axes need orientations=6")
     depth = {axis: volume.shape[axis] for axis in set(primary_axis.values())}
-    others = 2 * sum(volume.shape) - sum(depth.values()) if orientations == 6 else 0
-    runner.estimate(sum(depth.values()) + others)
+    # Forward and reverse share their starting slice; early stop and the ROI can only make a pass shorter.
+    per_axis = [n + 1 if orientations > 1 else n for n in volume.shape]
+    extra_axes = [a for a in range(3) if set(primary_axis.values()) - {a}] if orientations == 6 else []
+    runner.estimate(sum(per_axis[a] for a in depth) + sum(per_axis[a] for a in extra_axes))
     for axis in sorted(depth):
         objects = {o for o, a in primary_axis.items() if a == axis}
         own = [p for p in prompts if p.obj_id in objects and p.axis == axis]
@@ -152,6 +162,7 @@ def segment_volume(
     probabilities = votes.result()
     result.probabilities = probabilities
     result.labels = _labels(probabilities, obj_ids)
+    runner.finish()
     result.timings["total"] = time.perf_counter() - started
     return result
 
@@ -169,13 +180,20 @@ class _PassRunner:
         result: VolumeResult,
         progress: ProgressCallback | None,
         cancel: threading.Event | None,
+        early_stop: bool,
     ) -> None:
         self.model, self.intensities, self.memory, self.seed = model, intensities, memory, seed
         self.votes, self.result, self.progress, self.cancel = votes, result, progress, cancel
+        self.early_stop = early_stop
         self.done, self.total = 0, 1
 
     def estimate(self, total: int) -> None:
         self.total = max(total, 1)
+
+    def finish(self) -> None:
+        """Report completion: early stop and the ROI usually end the run short of the estimate."""
+        if self.progress is not None:
+            self.progress(self.done, self.done, "done")
 
     def run_axis(
         self,
@@ -240,9 +258,10 @@ class _PassRunner:
                 self.progress(self.done, self.total, name)
             past_prompts = t < last_prompt if reverse else t > last_prompt
             absent_run = absent_run + 1 if all((x <= 0).all() for x in logits.values()) else 0
-            if past_prompts and absent_run >= _ABSENT_FRAMES_TO_STOP:
+            if self.early_stop and past_prompts and absent_run >= _ABSENT_FRAMES_TO_STOP:
                 break
-        self.result.frames_visited[name] = visited
+        # An axis can run twice (for objects prompted on it, then as an extra axis for the others).
+        self.result.frames_visited[name] = self.result.frames_visited.get(name, 0) + visited
 
     def _check_cancel(self) -> None:
         if self.cancel is not None and self.cancel.is_set():
@@ -344,5 +363,7 @@ def _checked_prompts(prompts: Sequence[Prompt], shape: tuple[int, ...]) -> list[
     for p in prompts:
         if not isinstance(p, Prompt):
             raise InputError(f"Prompts must be medsam2.Prompt objects, got {type(p).__name__}")
+        if int(p.obj_id) > np.iinfo(np.uint16).max:  # labels are stored as uint16 at most
+            raise InputError(f"Prompt obj_id must be at most 65535, got {p.obj_id}")
         p.check_fits(shape)
     return prompts

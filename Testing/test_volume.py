@@ -1,0 +1,395 @@
+"""medsam2.segment_volume: output grid, prompt placement on each axis, vote aggregation, early stop, ROI,
+cancel, the input left untouched, and refused inputs.
+
+Models: the tiny random-weight SAM 2.1 model of the golden files with its presence head shifted, so that
+tracked slices are either always "present" (``present_model``) or always "absent" (``absent_model``). A
+mask prompt comes back as its own mask on the prompted slice, which is what the placement checks rely on;
+the absent model makes the number of slices each pass visits exactly predictable.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import medsam2
+from medsam2 import InputError, Prompt
+from medsam2.io import read_image
+from medsam2.volume import _ROI_MARGIN_FRACTION, _ROI_MARGIN_VOXELS, Aggregation, _labels, _Votes
+
+GOLDEN = Path(__file__).parent / "data" / "golden" / "sam2.1"
+SLICERIO_DATA = Path(__import__("slicerio").__file__).parent / "data"
+SHAPE = (14, 18, 22)  # every axis a different length, so a slice taken on the wrong axis cannot fit
+NAMES = ("axial", "coronal", "sagittal")
+
+
+def _model(presence_shift: float) -> medsam2.SAM2Model:
+    meta = json.loads((GOLDEN / "meta.json").read_text())
+    config = medsam2.ModelConfig(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()}
+    )
+    model = medsam2.load_model(GOLDEN / "weights.safetensors", config=config, device="cpu")
+    with torch.no_grad():
+        model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias += presence_shift
+    return model
+
+
+@pytest.fixture(scope="module")
+def present_model() -> medsam2.SAM2Model:
+    return _model(5.0)
+
+
+@pytest.fixture(scope="module")
+def absent_model() -> medsam2.SAM2Model:
+    return _model(-10.0)
+
+
+def _synthetic(dtype=np.float32, shape=SHAPE) -> np.ndarray:
+    """A bright off-centre, lopsided blob on a noisy background: no symmetry along any axis."""
+    z, y, x = np.mgrid[: shape[0], : shape[1], : shape[2]]
+    blob = ((z - 4) ** 2 / 9 + (y - 6 - z / 3) ** 2 / 16 + (x - 14) ** 2 / 36) < 1
+    noise = np.random.default_rng(0).normal(0, 8, shape)
+    return (40 + 120 * blob + noise).astype(dtype)
+
+
+def _corner_mask(shape: tuple[int, int]) -> np.ndarray:
+    """An L-shaped mask in the top-left quadrant: no flip or transpose of it overlaps it much."""
+    rows, cols = shape
+    mask = np.zeros(shape, bool)
+    mask[1 : rows // 2, 1:4] = True
+    mask[1:4, 1 : cols // 2] = True
+    return mask
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+def _slice(array: np.ndarray, axis: int, index: int) -> np.ndarray:
+    return np.take(array, index, axis=axis)
+
+
+# ---------------------------------------------------------------- grid
+
+
+@pytest.fixture(scope="module")
+def chest_ct() -> np.ndarray:
+    """slicerio's CTChest4 (34 x 128 x 128 CT, int32 HU), cropped to 18 x 16 x 23 voxels to stay fast."""
+    return read_image(SLICERIO_DATA / "CTChest4.nrrd").array[10:28, 24:104:5, 8:120:5]
+
+
+@pytest.mark.parametrize("orientations", [1, 2, 6])
+def test_output_lies_on_the_input_grid_of_a_real_ct(present_model, chest_ct, orientations):
+    volume = chest_ct
+    z, y, x = volume.shape
+    mask = np.zeros((y, x), bool)
+    mask[4:11, 6:15] = True
+    prompt = Prompt(axis=0, index=z // 2, mask=mask)
+    result = medsam2.segment_volume(present_model, volume, [prompt], orientations=orientations)
+    assert result.labels.shape == volume.shape and result.labels.dtype == np.uint8
+    assert sorted(result.probabilities) == [1]
+    probabilities = result.probabilities[1]
+    assert probabilities.shape == volume.shape and probabilities.dtype == np.float32
+    assert probabilities.min() >= 0 and probabilities.max() <= 1
+    assert set(np.unique(result.labels)) <= {0, 1}
+    expected_passes = {1: ["axial forward"], 2: ["axial forward", "axial reverse"]}.get(
+        orientations, [f"{n} {d}" for n in NAMES for d in ("forward", "reverse")]
+    )
+    assert sorted(result.frames_visited) == sorted(expected_passes)
+    if orientations < 6:  # only the prompt axis voted: the prompted slice is the prompt's mask
+        assert _iou(result.labels[z // 2] == 1, mask) > 0.9
+    if orientations == 1:  # forward only: nothing before the prompted slice was visited
+        assert not result.labels[: z // 2].any()
+
+
+# ---------------------------------------------------------------- prompt placement
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_a_mask_prompt_lands_on_its_slice_of_its_axis(present_model, axis):
+    volume = _synthetic()
+    depth = volume.shape[axis]
+    index = depth - 4  # past the middle: the mirrored slice (depth - 1 - index) is never visited forward
+    plane = tuple(n for a, n in enumerate(volume.shape) if a != axis)
+    mask = _corner_mask(plane)
+    result = medsam2.segment_volume(
+        present_model, volume, [Prompt(axis=axis, index=index, mask=mask)], orientations=1
+    )
+    found = _slice(result.labels, axis, index) == 1
+    assert _iou(found, mask) > 0.9
+    for wrong in (mask[::-1], mask[:, ::-1], mask[::-1, ::-1]):
+        assert _iou(found, wrong) < 0.3
+    assert not _slice(result.labels, axis, depth - 1 - index).any()
+    visited = np.flatnonzero(result.probabilities[1].any(axis=tuple(a for a in range(3) if a != axis)))
+    assert visited.min() == index  # the forward pass starts on the prompted slice
+    assert result.frames_visited == {f"{NAMES[axis]} forward": depth - index}
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_a_click_is_read_as_column_then_row_of_its_slice(axis):
+    rows, cols = (n for a, n in enumerate(SHAPE) if a != axis)
+    with pytest.raises(InputError, match=f"{cols} columns x {rows} rows"):
+        Prompt(axis=axis, index=2, points=[(cols, 0)]).check_fits(SHAPE)
+    with pytest.raises(InputError, match=f"{cols} columns x {rows} rows"):
+        Prompt(axis=axis, index=2, points=[(0, rows)]).check_fits(SHAPE)
+    Prompt(axis=axis, index=2, points=[(cols - 1, rows - 1)]).check_fits(SHAPE)
+
+
+# ---------------------------------------------------------------- aggregation
+
+
+def test_mean_of_probabilities_over_the_passes_that_visited():
+    votes = _Votes((3, 4, 5), [1], Aggregation.MEAN)
+    full = (slice(0, 4), slice(0, 5))
+    votes.add(0, 1, {1: np.full((4, 5), 0.9, np.float32)}, full)
+    votes.add(0, 1, {1: np.full((4, 5), 0.2, np.float32)}, full)
+    # A coronal pass over rows 0..1 of slice y=2, columns 1..3 only.
+    votes.add(1, 2, {1: np.full((2, 3), 0.7, np.float32)}, (slice(0, 2), slice(1, 4)))
+    p = votes.result()[1]
+    assert np.allclose(p[1, 2, 1:4], (0.9 + 0.2 + 0.7) / 3)
+    assert np.allclose(p[1, 2, 0], 0.55) and np.allclose(p[1, 0], 0.55)
+    assert np.allclose(p[0, 2, 1:4], 0.7) and np.allclose(p[0, 2, 0], 0) and np.allclose(p[2], 0)
+
+
+def test_majority_counts_votes_above_one_half():
+    votes = _Votes((2, 2, 3), [1], Aggregation.MAJORITY)
+    full = (slice(0, 2), slice(0, 3))
+    for probability in (0.9, 0.6, 0.4, 0.51, 0.1):
+        votes.add(0, 0, {1: np.full((2, 3), probability, np.float32)}, full)
+    votes.add(0, 1, {1: np.full((2, 3), 0.5, np.float32)}, full)  # exactly one half is not a vote
+    p = votes.result()[1]
+    assert np.allclose(p[0], 3 / 5) and np.allclose(p[1], 0)
+    assert _labels(votes.result(), [1])[0].all()
+
+
+def test_each_object_is_averaged_over_its_own_passes():
+    """A pass that tracked only object 2 must not dilute object 1's probability."""
+    votes = _Votes((2, 3, 3), [1, 2], Aggregation.MEAN)
+    full = (slice(0, 3), slice(0, 3))
+    votes.add(0, 0, {1: np.full((3, 3), 0.8, np.float32)}, full)
+    votes.add(0, 0, {1: np.full((3, 3), 0.6, np.float32)}, full)
+    votes.add(0, 0, {2: np.full((3, 3), 0.3, np.float32)}, full)
+    p = votes.result()
+    assert np.allclose(p[1][0], 0.7) and np.allclose(p[2][0], 0.3)
+    assert (_labels(p, [1, 2])[0] == 1).all()
+
+
+def test_labels_pick_the_most_probable_object_above_one_half():
+    p1 = np.array([[[0.9, 0.6, 0.2, 0.5]]], np.float32)
+    p2 = np.array([[[0.7, 0.8, 0.3, 0.4]]], np.float32)
+    labels = _labels({3: p1, 300: p2}, [3, 300])
+    assert labels.dtype == np.uint16
+    assert labels.tolist() == [[[3, 300, 0, 0]]]
+    assert _labels({1: p1}, [1]).dtype == np.uint8
+
+
+# ---------------------------------------------------------------- early stop and ROI
+
+
+def test_early_stop_ends_a_direction_three_slices_after_the_object_is_lost(absent_model):
+    volume = _synthetic()
+    index = 6
+    prompt = Prompt(axis=0, index=index, mask=_corner_mask(volume.shape[1:]))
+    quick = medsam2.segment_volume(absent_model, volume, [prompt], orientations=2)
+    full = medsam2.segment_volume(absent_model, volume, [prompt], orientations=2, early_stop=False)
+    assert not np.delete(full.labels, index, axis=0).any()  # the premise: every tracked slice is empty
+    assert full.frames_visited == {"axial forward": SHAPE[0] - index, "axial reverse": index + 1}
+    assert quick.frames_visited == {"axial forward": 4, "axial reverse": 4}  # the prompt + 3 empty slices
+    assert np.array_equal(quick.labels, full.labels)
+
+
+def test_auto_roi_visits_only_the_slices_around_the_first_pass(absent_model):
+    shape = (6, 16, 17)
+    volume, index = _synthetic(shape=shape), 3
+    mask = np.zeros(shape[1:], bool)
+    mask[1:4, 2:5] = True
+    prompt = Prompt(axis=0, index=index, mask=mask)
+    first_pass = medsam2.segment_volume(absent_model, volume, [prompt], orientations=2).probabilities[1] > 0.5
+    whole = medsam2.segment_volume(absent_model, volume, [prompt], roi=None, early_stop=False)
+    roi = medsam2.segment_volume(absent_model, volume, [prompt], roi="auto", early_stop=False)
+    for axis in (1, 2):
+        visits = {
+            name: r.frames_visited[f"{NAMES[axis]} forward"] + r.frames_visited[f"{NAMES[axis]} reverse"]
+            for name, r in [("whole", whole), ("roi", roi)]
+        }
+        # Forward and reverse both start on the seed slice; every other slice is visited once.
+        assert visits["whole"] == shape[axis] + 1
+        hits = np.flatnonzero(first_pass.any(axis=tuple(a for a in range(3) if a != axis)))
+        margin = max(int(np.ceil(_ROI_MARGIN_FRACTION * (hits[-1] + 1 - hits[0]))), _ROI_MARGIN_VOXELS)
+        window = min(hits[-1] + 1 + margin, shape[axis]) - max(hits[0] - margin, 0)
+        assert window < shape[axis] and visits["roi"] == window + 1
+    assert sum(roi.frames_visited.values()) < sum(whole.frames_visited.values())
+    # The absent model finds only the prompted slice, whatever is skipped.
+    for r in (whole, roi):
+        assert np.flatnonzero(r.labels.any(axis=(1, 2))).tolist() == [index]
+
+
+def test_objects_prompted_on_different_axes_keep_their_own_votes(absent_model):
+    """Object 2's coronal passes visit object 1's voxels; they must not count as votes against it."""
+    volume = _synthetic()
+    one = Prompt(axis=0, index=5, obj_id=1, mask=_corner_mask(SHAPE[1:]))
+    two = Prompt(axis=1, index=9, obj_id=2, box=(12, 2, 20, 10))
+    alone = medsam2.segment_volume(absent_model, volume, [one], orientations=2)
+    both = medsam2.segment_volume(absent_model, volume, [one, two], orientations=2)
+    assert sorted(both.frames_visited) == [
+        f"{n} {d}" for n in ("axial", "coronal") for d in ("forward", "reverse")
+    ]
+    assert np.array_equal(both.probabilities[1], alone.probabilities[1])
+    assert np.array_equal(both.labels == 1, alone.labels == 1)
+
+
+# ---------------------------------------------------------------- cancel
+
+
+def test_cancel_stops_within_one_frame_and_returns_nothing(present_model):
+    volume = _synthetic()
+    cancel = threading.Event()
+    calls = []
+
+    def progress(done, total, message):
+        calls.append((done, total, message))
+        if done == 3:
+            cancel.set()
+
+    with pytest.raises(medsam2.Cancelled):
+        medsam2.segment_volume(
+            present_model,
+            volume,
+            [Prompt(axis=0, index=2, points=[(14, 6)])],
+            progress=progress,
+            cancel=cancel,
+        )
+    assert [c[0] for c in calls] == [1, 2, 3]
+    assert all(message == "axial forward" for _, _, message in calls)
+
+
+def test_a_cancel_set_beforehand_does_no_work(present_model):
+    cancel = threading.Event()
+    cancel.set()
+    calls = []
+    with pytest.raises(medsam2.Cancelled):
+        medsam2.segment_volume(
+            present_model,
+            _synthetic(),
+            [Prompt(axis=0, index=2, points=[(14, 6)])],
+            progress=lambda *a: calls.append(a),
+            cancel=cancel,
+        )
+    assert calls == []
+
+
+@pytest.mark.parametrize("orientations", [2, 6])
+def test_progress_counts_every_frame_and_ends_complete(absent_model, orientations):
+    """Two objects on different axes: the coronal and axial axes each run twice with orientations=6."""
+    calls = []
+    prompts = [
+        Prompt(axis=1, index=6, obj_id=1, mask=_corner_mask((SHAPE[0], SHAPE[2]))),
+        Prompt(axis=0, index=9, obj_id=2, mask=_corner_mask(SHAPE[1:])[::-1]),
+    ]
+    result = medsam2.segment_volume(
+        absent_model, _synthetic(), prompts, orientations=orientations, progress=lambda *a: calls.append(a)
+    )
+    *frames, final = calls
+    assert [done for done, _, _ in frames] == list(range(1, len(frames) + 1))
+    assert all(done <= total for done, total, _ in calls)
+    assert final == (len(frames), len(frames), "done")
+    assert sum(result.frames_visited.values()) == len(frames)
+
+
+# ---------------------------------------------------------------- the input is never modified
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.float64, np.float32])
+def test_the_input_volume_is_left_unchanged(absent_model, dtype):
+    volume = _synthetic(dtype)
+    if dtype == np.int16:  # CT-like Hounsfield units, so the CT window path runs too
+        volume = volume * 10 - 1000
+    before = volume.copy()
+    volume.flags.writeable = False
+    prompts = [Prompt(axis=0, index=4, box=(9, 2, 20, 10))]
+    result = medsam2.segment_volume(absent_model, volume, prompts, orientations=6)
+    assert volume.dtype == before.dtype and np.array_equal(volume, before)
+    assert result.labels.shape == volume.shape
+
+
+# ---------------------------------------------------------------- refused input
+
+
+def _point(axis=0, index=2, xy=(5, 5)):
+    return [Prompt(axis=axis, index=index, points=[xy])]
+
+
+@pytest.mark.parametrize(
+    "volume, prompts, message",
+    [
+        (
+            _synthetic(),
+            _point(index=SHAPE[0]),
+            r"slice 14 is outside the volume: the axial axis has slices 0\.\.13",
+        ),
+        (_synthetic(), _point(axis=2, index=-1), "outside the volume"),
+        (_synthetic(), _point(xy=(SHAPE[2], 3)), "point lies outside the axial slice"),
+        (_synthetic(), _point(axis=1, xy=(3, SHAPE[0] + 2)), "point lies outside the coronal slice"),
+        (_synthetic(), [Prompt(axis=0, index=1, box=(30, 30, 40, 40))], "box .* lies outside"),
+        (
+            _synthetic(),
+            [Prompt(axis=1, index=3, mask=np.ones(SHAPE[1:], bool))],
+            r"mask has shape \(18, 22\), but the coronal slice .* needs shape \(14, 22\)",
+        ),
+        (_synthetic()[0], _point(), "2D image"),
+        (_synthetic()[None], _point(), "4D"),
+        (_synthetic()[:1], _point(index=0), "at least 2 voxels"),
+        (np.where(_synthetic() > 100, np.nan, 1.0), _point(), "NaN"),
+        (np.full(SHAPE, 7, np.int16), _point(), "same intensity"),
+        (_synthetic().astype(bool), _point(), "real intensities"),
+        (_synthetic(), [Prompt(axis=0, index=1, obj_id=70000, points=[(1, 1)])], "at most 65535"),
+        (_synthetic(), [], "at least one prompt"),
+        (_synthetic(), [{"axis": 0, "index": 1}], "medsam2.Prompt"),
+    ],
+)
+def test_bad_input_is_refused_with_a_clear_message(absent_model, volume, prompts, message):
+    with pytest.raises(InputError, match=message):
+        medsam2.segment_volume(absent_model, volume, prompts)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"box": (4, 4, 4, 9)}, "empty"),
+        ({"box": (4, 9, 8, 2)}, "empty"),
+        ({"mask": np.zeros((18, 22), bool)}, "mask is empty"),
+        ({"mask": np.ones((2, 18, 22), bool)}, "2D image"),
+        ({}, "needs points, a box or a mask"),
+        ({"box": (1, 1, 5, 5), "labels": [1]}, "without points"),
+        ({"points": [(1, 1)], "labels": [1, 1]}, "each point"),
+    ],
+)
+def test_bad_prompts_are_refused_when_made(kwargs, message):
+    with pytest.raises(InputError, match=message):
+        Prompt(axis=0, index=1, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"orientations": 3}, "orientations must be 1, 2 or 6"),
+        ({"aggregate": "median"}, "aggregate must be"),
+        ({"roi": "tight"}, "roi must be"),
+        ({"window": "liver"}, "Unknown window"),
+        ({"modality": "xray"}, "Unknown modality"),
+    ],
+)
+def test_bad_options_are_refused(absent_model, kwargs, message):
+    with pytest.raises(InputError, match=message):
+        medsam2.segment_volume(absent_model, _synthetic(), _point(), **kwargs)
+
+
+def test_prompts_of_one_object_on_two_axes_need_six_orientations(absent_model):
+    prompts = [*_point(axis=0), *_point(axis=1)]
+    with pytest.raises(InputError, match="orientations=6"):
+        medsam2.segment_volume(absent_model, _synthetic(), prompts, orientations=2)
