@@ -121,7 +121,7 @@ def test_cancel_and_progress(model):
         ([np.full((9, 9), "x")], {"box": (1, 1, 3, 3)}, "must hold numbers"),
         ([np.full((9, 9), np.nan)], {"box": (1, 1, 3, 3)}, "NaN"),
         ([np.eye(9), np.full((9, 9), 3.0)], {"box": (1, 1, 3, 3)}, "Image 1 has the same value everywhere"),
-        ([np.eye(9)], {"box": (1, 1, 30, 3)}, "outside the 9x9 frame"),
+        ([np.eye(9)], {"box": (20, 1, 30, 3)}, "outside the 9x9 frame"),
         ([np.eye(9)], {"mask": np.ones((8, 9), bool)}, "mask prompt has shape"),
         ([np.eye(9)], {"mask": np.zeros((9, 9), bool)}, "empty"),
         ([np.eye(9)], {}, "needs points, a box or a mask"),

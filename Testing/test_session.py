@@ -61,8 +61,10 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
         (np.zeros((T, H, W, 3, 1), np.float32), "Frames must be"),
         (np.zeros((0, H, W), np.float32), "at least one image"),
         (np.zeros((T, 1, W), np.float32), "at least one image"),
-        (np.full((T, H, W), "a"), "numeric"),
-        (np.empty((T, H, W), object), "numeric"),
+        (np.full((T, H, W), "a"), "real numbers"),
+        (np.empty((T, H, W), object), "real numbers"),
+        (np.zeros((T, H, W), np.complex64), "real numbers"),
+        (np.full((T, H, W), np.nan, np.float32), "NaN or infinite"),
     ],
 )
 def test_bad_frames_are_refused(model, bad, message):
@@ -75,7 +77,7 @@ def test_bad_frames_are_refused(model, bad, message):
     [
         ({"points": [(W + 1, 3)]}, "outside the 32x24 frame"),
         ({"points": [(3, -0.5)]}, "outside"),
-        ({"box": (2, 2, 40, 10)}, "outside"),
+        ({"box": (40, 2, 50, 10)}, "outside"),
         ({"box": (10, 5, 10, 9)}, "x1 > x0"),
         ({"box": (10, 9, 12, 3)}, "y1 > y0"),
         ({"box": (1, 2, 3)}, "A box must be"),
@@ -123,6 +125,12 @@ def test_outputs_are_logits_at_the_frame_size(model, frames):
     assert sorted(results) == [2, 3, 4, 5]
     assert all(out[1].shape == (H, W) and out[1].dtype == np.float32 for out in results.values())
     assert sorted(t for t, _ in session.propagate(start=2, reverse=True)) == [0, 1, 2]
+
+
+def test_box_reaching_past_the_frame_is_clipped(model, frames):
+    inside = medsam2.Session(model, frames).add_prompt(2, box=(4, 3, W, H))
+    beyond = medsam2.Session(model, frames).add_prompt(2, box=(4, 3, W + 7, H + 5))
+    np.testing.assert_array_equal(inside, beyond)
 
 
 # ---------------------------------------------------------------- corrections

@@ -36,8 +36,10 @@ class FrameStack:
             )
         if frames.shape[0] == 0 or frames.shape[1] < 2 or frames.shape[2] < 2:
             raise InputError(f"Frames must hold at least one image of 2x2 pixels, got shape {frames.shape}")
-        if not (np.issubdtype(frames.dtype, np.number) or frames.dtype == bool):
-            raise InputError(f"Frames must be numeric, got dtype {frames.dtype}")
+        if not (np.issubdtype(frames.dtype, np.integer) or np.issubdtype(frames.dtype, np.floating)):
+            raise InputError(f"Frames must hold real numbers, got dtype {frames.dtype}")
+        if np.issubdtype(frames.dtype, np.floating) and not np.isfinite(frames).all():
+            raise InputError("Frames contain NaN or infinite values")
         self.frames = frames
         self.scale = 1 / 255 if frames.dtype == np.uint8 else 1.0
         self.image_size = size = config.image_size

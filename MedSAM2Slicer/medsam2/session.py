@@ -98,6 +98,9 @@ class Session:
         mask_in: torch.Tensor | None,
     ) -> MaskPrediction:
         features = self._frame_features(frame)
+        if mask_in is not None:
+            # A mask prompt is the frame's answer as it is: no memory is read.
+            return self.model.predict(features, None, mask=mask_in)
         first_time = frame not in track.reverse
         reverse = track.reverse.get(frame, False)
         context = (
@@ -105,8 +108,6 @@ class Session:
             if first_time
             else self.policy.context(track, frame, reverse, self.num_frames, self._descriptors.get(frame))
         )
-        if mask_in is not None:
-            return self.model.predict(features, context, mask=mask_in)
         previous = track.latest(frame)
         previous_logits = None
         if previous is not None:
@@ -127,7 +128,11 @@ class Session:
             b = np.asarray(box, dtype=np.float64).reshape(-1)
             if b.shape != (4,) or not np.all(np.isfinite(b)) or b[2] <= b[0] or b[3] <= b[1]:
                 raise InputError(f"A box must be (x0, y0, x1, y1) with x1 > x0 and y1 > y0, got {box!r}")
-            self._check_inside(b.reshape(2, 2), "box corner")
+            # A box may reach past the frame (drawn to the edge); it must overlap the frame, and is clipped to it.
+            w, h = self.frames.width, self.frames.height
+            if b[2] < 0 or b[3] < 0 or b[0] > w or b[1] > h:
+                raise InputError(f"The box {tuple(b)} lies outside the {w}x{h} frame")
+            b = np.clip(b, 0, [w, h, w, h])
             coords += b.reshape(2, 2).tolist()
             kinds += [2, 3]
         if points is not None:

@@ -216,14 +216,13 @@ class _PassRunner:
         prompted = set()
         for p in prompts:
             local = _local_prompt(p, first, rows, cols)
-            session.add_prompt(
-                local.index,
-                obj_id=p.obj_id,
-                points=local.points,
-                labels=local.labels,
-                box=local.box,
-                mask=local.mask,
-            )
+            if local.mask is not None:
+                session.add_prompt(local.index, obj_id=p.obj_id, mask=local.mask)
+            if local.points is not None or local.box is not None:
+                # Clicks or a box after a mask on the same slice refine the mask's result.
+                session.add_prompt(
+                    local.index, obj_id=p.obj_id, points=local.points, labels=local.labels, box=local.box
+                )
             prompted.add(local.index)
         name = ("axial", "coronal", "sagittal")[axis]
         self._direction(
