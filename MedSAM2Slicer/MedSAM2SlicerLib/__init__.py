@@ -1,27 +1,41 @@
 """Slicer adapters for the MedSAM2 engine: MRML nodes <-> numpy, prompts from markups, segment writing and a
-worker thread. Needs only what the ``slicer-core`` wheel provides (MRML, vtk) and the ``medsam2`` engine."""
+worker thread. Needs only what the ``slicer-core`` wheel provides (MRML, vtk) and the ``medsam2`` engine.
 
-from .geometry import VolumeGeometry, volume_array, volume_geometry
-from .logic import Correction, Request, SegmentationLogic, object_mask
-from .prompts import MaskSegment, prompts_from_nodes
-from .segment_writer import SegmentWriter
-from .segments import ensure_converter_rules, read_segment_mask
-from .worker import Job, Progress, Worker
+The names below are imported on first use, so that ``MedSAM2SlicerLib.dependencies`` (which installs PyTorch
+inside Slicer) can be imported before PyTorch is there.
+"""
 
-__all__ = [
-    "Correction",
-    "Job",
-    "MaskSegment",
-    "Progress",
-    "Request",
-    "SegmentWriter",
-    "SegmentationLogic",
-    "VolumeGeometry",
-    "Worker",
-    "ensure_converter_rules",
-    "object_mask",
-    "prompts_from_nodes",
-    "read_segment_mask",
-    "volume_array",
-    "volume_geometry",
-]
+from __future__ import annotations
+
+from importlib import import_module
+
+_EXPORTS = {
+    "VolumeGeometry": "geometry",
+    "volume_array": "geometry",
+    "volume_geometry": "geometry",
+    "Correction": "logic",
+    "Request": "logic",
+    "SegmentationLogic": "logic",
+    "object_mask": "logic",
+    "MaskSegment": "prompts",
+    "prompts_from_nodes": "prompts",
+    "SegmentWriter": "segment_writer",
+    "ensure_converter_rules": "segments",
+    "read_segment_mask": "segments",
+    "Job": "worker",
+    "Progress": "worker",
+    "Worker": "worker",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{module}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

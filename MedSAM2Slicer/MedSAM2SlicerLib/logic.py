@@ -225,6 +225,23 @@ class SegmentationLogic:
         )
         return segment_id
 
+    def set_model(self, model, device: str = "auto") -> None:
+        """Use ``model`` (registry name, checkpoint path or a loaded model) on ``device`` from the next run.
+
+        A loaded model is dropped (its memory freed) unless the same source and device are asked for again.
+        """
+        with self._model_lock:
+            if (self.model, self.device) == (model, device) and self._loaded_model is not None:
+                return
+            self.model, self.device = model, device
+            self._loaded_model = None if isinstance(model, str) or hasattr(model, "__fspath__") else model
+
+    def unload_model(self) -> None:
+        """Drop a model loaded from a name or file (frees its memory); the next run loads it again."""
+        with self._model_lock:
+            if isinstance(self.model, str) or hasattr(self.model, "__fspath__"):
+                self._loaded_model = None
+
     def loaded_model(self):
         """The model, loaded on first use (thread-safe)."""
         with self._model_lock:

@@ -15,6 +15,8 @@ from .errors import CheckpointError
 # (embedding width of the first Hiera stage, number of Hiera blocks) -> size letter of the preset.
 _HIERA_SIGNATURES = {(96, 12): "t", (96, 16): "s", (112, 24): "b+", (144, 48): "l"}
 _SAM21_ONLY_KEYS = ("no_obj_embed_spatial", "obj_ptr_tpos_proj.weight", "obj_ptr_tpos_proj.bias")
+# TinyViT's first convolution: only the LiteMedSAM-based medsam2_lite model has it.
+_TINYVIT_KEY_PREFIX = "image_encoder.trunk.patch_embed.seq."
 _BLOCK_KEY = re.compile(r"^image_encoder\.trunk\.blocks\.(\d+)\.")
 
 
@@ -29,12 +31,13 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return _read_safetensors(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"Checkpoint {path} was refused: it is not a plain tensor file and loading it would execute code "
-            f"({_first_line(exc)}). Only weights-only checkpoints are accepted."
-        ) from None
     except Exception as exc:  # the unpickler fails on junk in many ways (IndexError, KeyError, ...)
+        if isinstance(exc, pickle.UnpicklingError) and "Unsupported global" in str(exc):
+            global_line = next(line for line in str(exc).splitlines() if "Unsupported global" in line)
+            raise CheckpointError(
+                f"Checkpoint {path} was refused: loading it would execute code "
+                f"({global_line.strip().split('. ')[0]}). Only weights-only checkpoints are accepted."
+            ) from None
         raise CheckpointError(
             f"Checkpoint {path} cannot be read (truncated or not a checkpoint): {_first_line(exc)}"
         ) from None
@@ -83,6 +86,8 @@ def save_state_dict(
 
 def detect_preset(state_dict: dict[str, torch.Tensor]) -> str | None:
     """The official preset whose keys and shapes a state dict has (``"sam2.1_hiera_t"``, ...), or ``None``."""
+    if any(k.startswith(_TINYVIT_KEY_PREFIX) for k in state_dict):
+        return "medsam2_lite"
     pos_embed = state_dict.get("image_encoder.trunk.pos_embed")
     if pos_embed is None or pos_embed.ndim != 4:
         return None

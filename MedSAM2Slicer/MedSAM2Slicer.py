@@ -1,0 +1,642 @@
+"""MedSAM2: prompt one slice, segment the structure through the whole volume (3D Slicer module).
+
+A thin front end in the shape of Slicer's scripted-module template: the panel is ``Resources/UI/MedSAM2Slicer.ui``,
+its settings live in a parameter node, and ``MedSAM2SlicerLib`` does the work (prompts from markups, the engine
+run on a background thread, the segment written with undo). Nothing heavy is imported when Slicer loads the
+module: PyTorch and the engine are imported on first use, after ``dependencies.ensure`` installed what is
+missing.
+"""
+
+# No ``from __future__ import annotations`` here: parameterNodeWrapper reads the field annotations as types.
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import ctk
+import qt
+import slicer
+import vtk
+from slicer import (
+    vtkMRMLMarkupsFiducialNode,
+    vtkMRMLMarkupsROINode,
+    vtkMRMLScalarVolumeNode,
+    vtkMRMLSegmentationNode,
+)
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+DEFAULT_MODEL = "medsam2-lite"
+LOCAL_FILE = "<local file>"  # the model combo's entry for a checkpoint chosen on disk
+DEVICES = ["auto", "cuda", "cpu", "mps"]
+POLL_INTERVAL_MS = 100
+# Segment Editor takes single letters, digits and Ctrl+Z/Ctrl+Y; Slicer's menus take Ctrl+<letter> (Ctrl+S
+# saves). Ctrl+Shift+<letter> is free in both; S is avoided because Ctrl+Shift+S means "save as" on many
+# platforms.
+SHORTCUTS = {
+    "Ctrl+Shift+P": "onPlacePositive",
+    "Ctrl+Shift+N": "onPlaceNegative",
+    "Ctrl+Shift+B": "onPlaceBox",
+    "Ctrl+Shift+M": "onMaskFromSlice",
+    "Ctrl+Shift+G": "onApplyButton",
+    "Ctrl+Shift+R": "onPropagateCorrections",
+}
+PROMPT_COLORS = {
+    "positivePoints": (0.2, 0.85, 0.2),
+    "negativePoints": (0.95, 0.25, 0.2),
+    "box": (1.0, 0.85, 0.1),
+}
+
+
+class MedSAM2Slicer(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("MedSAM2")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["MedSAM2Slicer developers"]
+        self.parent.helpText = _(
+            "Segment a structure through a whole volume from a prompt on one slice, with a SAM 2 model and "
+            "MedSAM-2's self-sorting memory bank.<br><br>"
+            "<b>Workflow</b>: choose the input volume and the segment to fill (<i>Add segment</i> for a new "
+            "structure; the selected segment's voxels are replaced, no other segment changes); in any slice "
+            "view place positive points inside the structure, negative points outside, a box around it, or "
+            "draw it on one slice with the Segment Editor and press <i>Use segment on this slice</i>; press "
+            "<b>Segment</b>. Fix a few slices with the Segment Editor and press <b>Propagate corrections</b>. "
+            "<b>Undo</b> takes the last result back.<br><br>"
+            "<b>Shortcuts</b> (while this module is shown): Ctrl+Shift+P positive point, Ctrl+Shift+N negative "
+            "point, Ctrl+Shift+B box, Ctrl+Shift+M segment on the slice under the mouse as mask, "
+            "Ctrl+Shift+G segment (again: cancel), Ctrl+Shift+R propagate corrections.<br><br>"
+            "The offline default model medsam2-lite needs no download; other checkpoints (SAM 2, SAM 2.1, "
+            "MedSAM2) are downloaded into the models folder on first use. A GPU is much faster than the CPU."
+        )
+        self.parent.acknowledgementText = _(
+            'Method: Zhu J., Hamdi A., Qi Y., Jin Y., Wu J. "Medical SAM 2: Segment medical images as video '
+            'via Segment Anything Model 2", arXiv:2408.00874, 2024. Built on SAM 2: Ravi N. et al. "SAM 2: '
+            'Segment Anything in Images and Videos", arXiv:2408.00714, 2024, and on LiteMedSAM (Ma J. et '
+            "al., bowang-lab). Module layout after Slicer's scripted-module template and A. Lasso's "
+            "SlicerMONAIAuto3DSeg."
+        )
+
+
+@parameterNodeWrapper
+class MedSAM2SlicerParameterNode:
+    """What the panel shows. ``promptViewNodeID`` is the slice view the points/box were placed in; the mask
+    prompt is the segment ``maskSegmentID`` on slice ``maskSlice`` along array axis ``maskAxis`` (-1: none).
+    """
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    segmentation: vtkMRMLSegmentationNode
+    segmentID: str = ""
+    positivePoints: vtkMRMLMarkupsFiducialNode
+    negativePoints: vtkMRMLMarkupsFiducialNode
+    box: vtkMRMLMarkupsROINode
+    promptViewNodeID: str = ""
+    maskSegmentID: str = ""
+    maskAxis: int = 0
+    maskSlice: int = -1
+    modelName: str = DEFAULT_MODEL
+    modelPath: str = ""
+    device: Annotated[str, Choice(DEVICES)] = "auto"
+    orientations: Annotated[int, Choice([6, 2, 1])] = 6
+    aggregation: Annotated[str, Choice(["mean", "majority"])] = "mean"
+    memoryPolicy: Annotated[str, Choice(["self-sorting", "recent"])] = "self-sorting"
+    confidenceThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+
+
+@dataclass
+class Run:
+    """A job in flight on the worker: ``kind`` is "segment" or "correct"; ``discard`` drops its result."""
+
+    kind: str
+    request: object
+    job: object
+    started: float
+    discard: bool = False
+
+
+class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._run = None
+        self._lastSliceNodeID = ""
+        self._shortcuts = []
+        self._cpuNoteShown = False
+        self._timer = qt.QTimer()
+        self._timer.setInterval(POLL_INTERVAL_MS)
+        self._timer.timeout.connect(self._poll)
+
+    @property
+    def busy(self) -> bool:
+        return self._run is not None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/MedSAM2Slicer.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = MedSAM2SlicerLogic()
+
+        for widget, single in (
+            (self.ui.positivePointsPlaceWidget, False),
+            (self.ui.negativePointsPlaceWidget, False),
+            (self.ui.boxPlaceWidget, True),
+        ):
+            widget.buttonsVisible = False
+            widget.placeButton().show()
+            widget.deleteButton().show()
+            widget.placeMultipleMarkups = (
+                slicer.qSlicerMarkupsPlaceWidget.ForcePlaceSingleMarkup
+                if single
+                else slicer.qSlicerMarkupsPlaceWidget.ForcePlaceMultipleMarkups
+            )
+        self.ui.boxPlaceWidget.placeButton().toggled.connect(self.onBoxPlaceToggled)
+        self.ui.modelPathLineEdit.filters = ctk.ctkPathLineEdit.Files | ctk.ctkPathLineEdit.Readable
+        self.ui.downloadProgressBar.hide()
+        self._fillModelList()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        crosshair = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLCrosshairNode")
+        if crosshair is not None:
+            self.addObserver(
+                crosshair, slicer.vtkMRMLCrosshairNode.CursorPositionModifiedEvent, self._trackView
+            )
+        self.ui.segmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSegmentationChanged)
+        self.ui.segmentSelector.connect("currentSegmentChanged(QString)", self.onSegmentChanged)
+        self.ui.modelComboBox.currentIndexChanged.connect(self.onModelChanged)
+        self.ui.modelPathLineEdit.currentPathChanged.connect(self.onModelPathChanged)
+        self.ui.addSegmentButton.clicked.connect(self.onAddSegment)
+        self.ui.showModelsFolderButton.clicked.connect(self.onShowModelsFolder)
+        self.ui.maskFromSliceButton.clicked.connect(self.onMaskFromSlice)
+        self.ui.clearPromptsButton.clicked.connect(self.onClearPrompts)
+        self.ui.applyButton.clicked.connect(self.onApplyButton)
+        self.ui.propagateCorrectionsButton.clicked.connect(self.onPropagateCorrections)
+        self.ui.undoButton.clicked.connect(self.onUndo)
+        self._addShortcuts()
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        self.removeObservers()
+        self._timer.stop()
+        for shortcut in self._shortcuts:
+            shortcut.setParent(None)
+        self._shortcuts = []
+        if self._run is not None:
+            self._run.job.cancel()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+        for shortcut in self._shortcuts:
+            shortcut.setEnabled(True)
+
+    def exit(self) -> None:
+        for shortcut in self._shortcuts:
+            shortcut.setEnabled(False)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        if self._run is not None:  # its nodes are about to go
+            self._run.discard = True
+            self._run.job.cancel()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    # -- parameter node ---------------------------------------------------------------------------------------
+
+    def initializeParameterNode(self) -> None:
+        parameterNode = self.logic.getParameterNode()
+        if not parameterNode.inputVolume:
+            parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+        self.logic.ensurePromptNodes(parameterNode)
+        self.setParameterNode(parameterNode)
+        self._observePromptNodes()
+
+    def setParameterNode(self, parameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUI)
+        self._parameterNode = parameterNode
+        if parameterNode:
+            self._parameterNodeGuiTag = parameterNode.connectGui(self.ui)
+            self.addObserver(parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUI)
+            self._updateGUI()
+
+    def _updateGUI(self, caller=None, event=None) -> None:
+        """Widgets without an automatic parameter connection, and which buttons can be used now."""
+        p = self._parameterNode
+        if p is None:
+            return
+        with signalsBlocked(self.ui.segmentSelector, self.ui.modelComboBox, self.ui.modelPathLineEdit):
+            self.ui.segmentSelector.setCurrentNode(p.segmentation)
+            self.ui.segmentSelector.setCurrentSegmentID(p.segmentID)
+            index = self.ui.modelComboBox.findData(p.modelName)
+            if index < 0:  # a registry name not listed yet (packages not installed): show it anyway
+                self.ui.modelComboBox.insertItem(0, p.modelName, p.modelName)
+                index = 0
+            self.ui.modelComboBox.currentIndex = index
+            self.ui.modelPathLineEdit.currentPath = p.modelPath
+        self.ui.positivePointsPlaceWidget.setCurrentNode(p.positivePoints)
+        self.ui.negativePointsPlaceWidget.setCurrentNode(p.negativePoints)
+        self.ui.boxPlaceWidget.setCurrentNode(p.box)
+        localFile = p.modelName == LOCAL_FILE
+        self.ui.modelPathLabel.visible = self.ui.modelPathLineEdit.visible = localFile
+        self.ui.modelStatusLabel.text = model_choice().status(p.modelName, p.modelPath)
+        if model_choice().engine_importable():  # no mask prompt can be set before
+            self.ui.maskPromptLabel.text = panel().mask_description(p)
+
+        running = self._run is not None
+        self.ui.applyButton.text = _("Cancel") if running else _("Segment")
+        self.ui.applyButton.enabled = running or bool(p.inputVolume)
+        self.ui.propagateCorrectionsButton.enabled = not running and bool(
+            p.inputVolume and p.segmentation and p.segmentID
+        )
+        self.ui.undoButton.enabled = not running and self.logic.canUndo
+        for widget in (
+            self.ui.inputsCollapsibleButton,
+            self.ui.promptsCollapsibleButton,
+            self.ui.modelCollapsibleButton,
+            self.ui.optionsCollapsibleButton,
+        ):
+            widget.enabled = not running
+
+    # -- inputs, model ----------------------------------------------------------------------------------------
+
+    def onSegmentationChanged(self, node) -> None:
+        if self._parameterNode:
+            self._parameterNode.segmentation = node
+
+    def onSegmentChanged(self, segmentID) -> None:
+        if self._parameterNode:
+            self._parameterNode.segmentID = segmentID or ""
+
+    def onAddSegment(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Cannot add a segment."), waitCursor=True):
+            self.logic.addSegment(self._parameterNode)
+
+    def onModelChanged(self, index) -> None:
+        if self._parameterNode and index >= 0:
+            self._parameterNode.modelName = self.ui.modelComboBox.itemData(index)
+
+    def onModelPathChanged(self, path) -> None:
+        if self._parameterNode:
+            self._parameterNode.modelPath = path
+
+    def onShowModelsFolder(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Cannot open the models folder."), waitCursor=True):
+            folder = model_choice().models_folder()
+            folder.mkdir(parents=True, exist_ok=True)
+            qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(folder)))
+
+    def _fillModelList(self) -> None:
+        """Registry models (once the engine's packages are installed) and the local-file entry."""
+        combo = self.ui.modelComboBox
+        with signalsBlocked(combo):
+            combo.clear()
+            for name, label in model_choice().choices():
+                combo.addItem(label, name)
+            combo.addItem(_("Local file..."), LOCAL_FILE)
+        self._updateGUI()
+
+    def _ensureDependencies(self) -> None:
+        """Install what is missing (asks first), then warn once when no GPU is there (GUI thread)."""
+        from MedSAM2SlicerLib import dependencies
+
+        missing = dependencies.missing_requirements() or not dependencies.torch_available()
+        torch = dependencies.ensure()
+        if missing:
+            self._fillModelList()
+        note = dependencies.device_note(torch, self._parameterNode.device)
+        if note and not self._cpuNoteShown:
+            self._cpuNoteShown = True
+            logging.warning(note)
+            slicer.util.showStatusMessage(note, 10000)
+            self.ui.statusLabel.text = note
+
+    # -- prompts -----------------------------------------------------------------------------------------------
+
+    def _trackView(self, crosshair, event) -> None:
+        sliceNode = crosshair.GetCursorPositionXYZ([0.0, 0.0, 0.0])
+        if sliceNode is not None:
+            self._lastSliceNodeID = sliceNode.GetID()
+
+    def _onPromptPlaced(self, caller, event) -> None:
+        if self._parameterNode and self._lastSliceNodeID:
+            self._parameterNode.promptViewNodeID = self._lastSliceNodeID
+
+    def _observePromptNodes(self) -> None:
+        p = self._parameterNode
+        for node in (p.positivePoints, p.negativePoints, p.box):
+            if node is not None and not self.hasObserver(
+                node, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self._onPromptPlaced
+            ):
+                self.addObserver(
+                    node, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self._onPromptPlaced
+                )
+
+    def onPlacePositive(self) -> None:
+        self._observePromptNodes()
+        self.ui.positivePointsPlaceWidget.setPlaceModeEnabled(True)
+
+    def onPlaceNegative(self) -> None:
+        self._observePromptNodes()
+        self.ui.negativePointsPlaceWidget.setPlaceModeEnabled(True)
+
+    def onPlaceBox(self) -> None:
+        self._observePromptNodes()
+        self.ui.boxPlaceWidget.setPlaceModeEnabled(True)
+
+    def onBoxPlaceToggled(self, placing) -> None:
+        # An ROI node holds one box: a new box replaces the old one.
+        self._observePromptNodes()
+        box = self._parameterNode.box if self._parameterNode else None
+        if placing and box is not None and box.GetNumberOfControlPoints():
+            box.RemoveAllControlPoints()
+
+    def onMaskFromSlice(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Cannot use the segment as mask prompt."), waitCursor=True):
+            self._ensureDependencies()
+            sliceNodeID = self._lastSliceNodeID or "vtkMRMLSliceNodeRed"
+            panel().set_mask_prompt(self._parameterNode, slicer.mrmlScene.GetNodeByID(sliceNodeID))
+            self.ui.statusLabel.text = _("Mask prompt: {what}").format(
+                what=panel().mask_description(self._parameterNode)
+            )
+
+    def onClearPrompts(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Cannot clear the prompts."), waitCursor=True):
+            self.logic.clearPrompts(self._parameterNode)
+
+    # -- running ------------------------------------------------------------------------------------------------
+
+    def onApplyButton(self) -> None:
+        if self._run is not None:
+            self._cancel()
+            return
+        with slicer.util.tryWithErrorDisplay(_("Cannot start the segmentation."), waitCursor=True):
+            self._ensureDependencies()
+            self._start(self.logic.startSegmentation(self._parameterNode), _("Segmenting"))
+
+    def onPropagateCorrections(self) -> None:
+        if self._run is not None:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Cannot propagate the corrections."), waitCursor=True):
+            self._ensureDependencies()
+            self._start(self.logic.startCorrection(self._parameterNode), _("Propagating corrections"))
+
+    def onUndo(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Cannot undo."), waitCursor=True):
+            taken_back = self.logic.undo()
+            self.ui.statusLabel.text = _("Last result taken back.") if taken_back else _("Nothing to undo.")
+            self._updateGUI()
+
+    def _start(self, run, what: str) -> None:
+        self._run = run
+        self.ui.progressBar.setRange(0, 0)  # busy until the first progress report
+        self.ui.statusLabel.text = _("{what}: loading the model...").format(what=what)
+        self._timer.start()
+        self._updateGUI()
+
+    def _cancel(self) -> None:
+        self._run.job.cancel()
+        self.ui.applyButton.enabled = False
+        self.ui.statusLabel.text = _("Cancelling...")
+
+    def _poll(self) -> None:
+        run = self._run
+        if run is None:
+            self._timer.stop()
+            return
+        for update in run.job.progress_updates():
+            self.ui.progressBar.setRange(0, max(update.total, 1))
+            self.ui.progressBar.value = update.done
+            self.ui.statusLabel.text = _("{message} ({done} of {total})").format(
+                message=update.message, done=update.done, total=update.total
+            )
+        self._showDownload()
+        if not run.job.done:
+            return
+        self._timer.stop()
+        self._run = None
+        self.ui.progressBar.setRange(0, 1)
+        self.ui.progressBar.value = 0
+        self.ui.downloadProgressBar.hide()
+        try:
+            if run.discard:
+                self.ui.statusLabel.text = _("The run was stopped: the scene was closed.")
+            elif self.logic.wasCancelled(run):
+                self.ui.statusLabel.text = _("Cancelled: the segment is unchanged.")
+            else:
+                with slicer.util.tryWithErrorDisplay(_("MedSAM2 could not segment."), waitCursor=True):
+                    self.ui.statusLabel.text = _("Failed: see the error message.")
+                    self.ui.statusLabel.text = self.logic.finish(self._parameterNode, run)
+                    self.ui.progressBar.value = 1
+        finally:
+            self._updateGUI()
+
+    def _showDownload(self) -> None:
+        p = self._parameterNode
+        fraction = model_choice().download_progress(p.modelName) if p else None
+        bar = self.ui.downloadProgressBar
+        if fraction is None:
+            bar.hide()
+            return
+        bar.show()
+        if fraction < 0:  # size unknown
+            bar.setRange(0, 0)
+        else:
+            bar.setRange(0, 1000)
+            bar.value = int(fraction * 1000)
+        self.ui.modelStatusLabel.text = _("downloading...")
+
+    def _addShortcuts(self) -> None:
+        mainWindow = slicer.util.mainWindow()
+        if mainWindow is None:  # no main window (e.g. --no-main-window): no shortcuts
+            return
+        for keys, method in SHORTCUTS.items():
+            shortcut = qt.QShortcut(qt.QKeySequence(keys), mainWindow)
+            shortcut.setContext(qt.Qt.ApplicationShortcut)
+            shortcut.activated.connect(getattr(self, method))
+            shortcut.setEnabled(False)
+            self._shortcuts.append(shortcut)
+
+
+class MedSAM2SlicerLogic(ScriptedLoadableModuleLogic):
+    """Adapts the parameter node to ``MedSAM2SlicerLib.SegmentationLogic``, which is made on first use."""
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._segmentation = None
+        self._worker = None
+
+    def getParameterNode(self):
+        return MedSAM2SlicerParameterNode(super().getParameterNode())
+
+    @property
+    def segmentation(self):
+        """The library's logic (imports PyTorch: use after ``dependencies.ensure``)."""
+        if self._segmentation is None:
+            from MedSAM2SlicerLib import SegmentationLogic, Worker
+
+            self._segmentation = SegmentationLogic(model=DEFAULT_MODEL, device="auto")
+            self._worker = Worker()
+        return self._segmentation
+
+    @property
+    def canUndo(self) -> bool:
+        return self._segmentation is not None and self._segmentation.writer.can_undo
+
+    def undo(self) -> bool:
+        return self._segmentation is not None and self._segmentation.undo()
+
+    # -- models ---------------------------------------------------------------------------------------------------
+
+    def useModel(self, source, device: str) -> None:
+        """Load ``source`` (registry name, path or model) on ``device`` at the next run, if it changed."""
+        self.segmentation.set_model(source, device)
+
+    def unloadModel(self) -> None:
+        """Forget the loaded model (frees its memory); the next run loads it again."""
+        self.segmentation.unload_model()
+
+    # -- prompts ------------------------------------------------------------------------------------------------
+
+    def ensurePromptNodes(self, p) -> None:
+        """The markups nodes that hold the prompts, added where missing (pure MRML: no PyTorch needed)."""
+        for field, className, name in (
+            ("positivePoints", "vtkMRMLMarkupsFiducialNode", "MedSAM2 positive"),
+            ("negativePoints", "vtkMRMLMarkupsFiducialNode", "MedSAM2 negative"),
+            ("box", "vtkMRMLMarkupsROINode", "MedSAM2 box"),
+        ):
+            if getattr(p, field) is None:
+                node = slicer.mrmlScene.AddNewNodeByClass(
+                    className, slicer.mrmlScene.GenerateUniqueName(name)
+                )
+                node.CreateDefaultDisplayNodes()
+                node.GetDisplayNode().SetSelectedColor(*PROMPT_COLORS[field])
+                setattr(p, field, node)
+
+    def addSegment(self, p) -> str:
+        """Add an empty segment (and a segmentation on the input volume if there is none); select it."""
+        if p.segmentation is None:
+            if not p.inputVolume:
+                raise ValueError(_("Select an input volume."))
+            p.segmentation = slicer.mrmlScene.AddNewNodeByClass(
+                "vtkMRMLSegmentationNode", f"{p.inputVolume.GetName()} MedSAM2"
+            )
+            p.segmentation.CreateDefaultDisplayNodes()
+            p.segmentation.SetReferenceImageGeometryParameterFromVolumeNode(p.inputVolume)
+        segmentation = p.segmentation.GetSegmentation()
+        p.segmentID = segmentation.AddEmptySegment("", segmentation.GenerateUniqueSegmentID("MedSAM2"))
+        return p.segmentID
+
+    def clearPrompts(self, p) -> None:
+        for node in (p.positivePoints, p.negativePoints, p.box):
+            if node is not None:
+                node.RemoveAllControlPoints()
+        p.maskSlice, p.maskSegmentID, p.promptViewNodeID = -1, "", ""
+
+    # -- runs ---------------------------------------------------------------------------------------------------
+
+    def startSegmentation(self, p) -> Run:
+        """Copy the inputs out of the scene and queue the engine run on the worker thread (GUI thread)."""
+        self.useModel(model_choice().source(p.modelName, p.modelPath), p.device)
+        prompts = panel().panel_prompts(p)
+        if p.segmentation is None:
+            self.addSegment(p)
+        request = self.segmentation.prepare(
+            p.inputVolume, p.segmentation, prompts, p.segmentID or None, panel().engine_options(p)
+        )
+        return Run("segment", request, self._worker.submit(self.segmentation.run, request), time.time())
+
+    def startCorrection(self, p) -> Run:
+        """Queue a re-propagation of the selected segment from the slices edited since MedSAM2 wrote it."""
+        if not (p.inputVolume and p.segmentation and p.segmentID):
+            raise ValueError(_("Select the input volume and the corrected segment."))
+        self.useModel(model_choice().source(p.modelName, p.modelPath), p.device)
+        request, _correction = self.segmentation.prepare_correction(
+            p.inputVolume, p.segmentation, p.segmentID, options=panel().engine_options(p)
+        )
+        return Run("correct", request, self._worker.submit(self.segmentation.run, request), time.time())
+
+    def wasCancelled(self, run: Run) -> bool:
+        from medsam2.errors import Cancelled
+
+        return isinstance(run.job.exception(), Cancelled)
+
+    def finish(self, p, run: Run) -> str:
+        """Write a finished run's result into its segment (GUI thread); returns a line for the status label."""
+        segmentID = self.segmentation.apply(run.request, run.job.result())
+        if p is not None:
+            p.segmentID = segmentID
+        done = _("Corrections propagated") if run.kind == "correct" else _("Segmented")
+        return _("{done} into '{name}' in {seconds:.1f} s.").format(
+            done=done,
+            name=run.request.segmentation_node.GetSegmentation().GetSegment(segmentID).GetName(),
+            seconds=time.time() - run.started,
+        )
+
+    def process(self, p, timeout: float = 3600.0) -> str:
+        """Segment synchronously (scripts): start, wait for the worker, write; returns the segment ID."""
+        run = self.startSegmentation(p)
+        if not run.job.wait(timeout):
+            run.job.cancel()
+            raise TimeoutError(f"MedSAM2 did not finish within {timeout} s")
+        self.finish(p, run)
+        return p.segmentID
+
+
+def model_choice():
+    """``MedSAM2SlicerLib.model_choice``, imported on first use (it needs no PyTorch)."""
+    from MedSAM2SlicerLib import model_choice
+
+    return model_choice
+
+
+def panel():
+    """``MedSAM2SlicerLib.panel``, imported on first use (it imports PyTorch: after ``dependencies.ensure``)."""
+    from MedSAM2SlicerLib import panel
+
+    return panel
+
+
+@contextlib.contextmanager
+def signalsBlocked(*widgets):
+    """Blocks the widgets' Qt signals while the parameter node is written back into them."""
+    previous = [widget.blockSignals(True) for widget in widgets]
+    try:
+        yield
+    finally:
+        for widget, blocked in zip(widgets, previous):
+            widget.blockSignals(blocked)
+
+
+class MedSAM2SlicerTest(ScriptedLoadableModuleTest):
+    """The workflow self-test; its body is ``Testing/Python/MedSAM2SlicerSelfTest.py`` (kept apart for size)."""
+
+    def runTest(self) -> None:
+        import importlib.util
+
+        path = (
+            Path(slicer.modules.medsam2slicer.path).parent / "Testing" / "Python" / "MedSAM2SlicerSelfTest.py"
+        )
+        spec = importlib.util.spec_from_file_location("MedSAM2SlicerSelfTest", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.MedSAM2SlicerSelfTest().runTest()
