@@ -9,25 +9,18 @@ SAM 2.1 model of the golden files, with its presence head shifted so that the ob
 from __future__ import annotations
 
 import itertools
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from golden import golden_config, golden_model
 from scipy import stats
 
 import medsam2
 from medsam2.memory import FrameRecord, ObjectTrack, SelfSortingBank, most_dissimilar
 from medsam2.model.sam2 import Memory
 
-GOLDEN = Path(__file__).parent / "data" / "golden" / "sam2.1"
-CONFIG = medsam2.ModelConfig(
-    **{
-        k: tuple(v) if isinstance(v, list) else v
-        for k, v in json.loads((GOLDEN / "meta.json").read_text())["config"].items()
-    }
-)
+CONFIG = golden_config()
 PROMPTED_SLOT = CONFIG.num_maskmem - 1
 POINTER_RANGE_40 = min(40, CONFIG.max_obj_ptrs_in_encoder) - 1
 
@@ -274,10 +267,7 @@ def test_without_resampling_every_entry_is_attended_once():
 
 @pytest.fixture(scope="module")
 def present_model() -> medsam2.SAM2Model:
-    model = medsam2.load_model(GOLDEN / "weights.safetensors", config=CONFIG, device="cpu")
-    with torch.no_grad():
-        model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias += 5.0
-    return model
+    return golden_model(presence_shift=5.0)
 
 
 @pytest.fixture(scope="module")

@@ -6,34 +6,29 @@ random weights of a small configuration in the SAM 2.0 and 2.1 flavours, and the
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from golden import GOLDEN, golden_meta, golden_model, replay_scenario
 
 import medsam2
 from medsam2.frames import FrameStack
 
-GOLDEN = Path(__file__).parent / "data" / "golden"
 TOLERANCE = 1e-3
 
 
 class Golden:
-    def __init__(self, folder: Path) -> None:
-        self.meta = json.loads((folder / "meta.json").read_text())
-        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in self.meta["config"].items()}
-        self.config = medsam2.ModelConfig(**fields)
-        self.model = medsam2.load_model(folder / "weights.safetensors", config=self.config, device="cpu")
-        self.frames = np.load(folder / "frames.npy")
-        self.single = np.load(folder / "single_frame.npz")
-        self.sequence = np.load(folder / "sequence.npz")
+    def __init__(self, flavour: str) -> None:
+        self.meta = golden_meta(flavour)
+        self.model = golden_model(flavour)
+        self.frames = np.load(GOLDEN / flavour / "frames.npy")
+        self.single = np.load(GOLDEN / flavour / "single_frame.npz")
+        self.sequence = np.load(GOLDEN / flavour / "sequence.npz")
 
 
 @pytest.fixture(scope="module", params=["sam2.0", "sam2.1"])
 def golden(request) -> Golden:
-    return Golden(GOLDEN / request.param)
+    return Golden(request.param)
 
 
 def assert_close(ours: torch.Tensor | np.ndarray, reference: np.ndarray, what: str) -> None:
@@ -75,32 +70,10 @@ def test_single_frame_mask_prompt(golden):
     assert_close(pred.obj_ptr, ref["mask/obj_ptr"], "mask prompt object pointer")
 
 
-def _scenario_mask(rects: list[list[int]], shape: tuple[int, int]) -> np.ndarray:
-    mask = np.zeros(shape, dtype=bool)
-    for y0, x0, y1, x1 in rects:
-        mask[y0:y1, x0:x1] = True
-    return mask
-
-
 def test_two_object_propagation_with_corrections(golden):
     """Two objects, prompts on two frames, forward then reverse, corrections, re-propagation."""
     session = medsam2.Session(golden.model, golden.frames, memory=medsam2.MemoryOptions(policy="recent"))
-    ours = {}
-    for step, op in enumerate(golden.meta["scenario"]):
-        if op["op"] == "prompt":
-            mask = _scenario_mask(op["mask"], golden.frames.shape[1:]) if "mask" in op else None
-            ours[f"step{step}/prompt"] = session.add_prompt(
-                op["frame"],
-                obj_id=op["obj_id"],
-                points=op.get("points"),
-                labels=op.get("labels"),
-                box=op.get("box"),
-                mask=mask,
-            )
-        else:
-            for t, logits in session.propagate(start=op["start"], reverse=op["reverse"]):
-                for obj_id, frame_logits in logits.items():
-                    ours[f"step{step}/frame{t}/obj{obj_id}"] = frame_logits
+    ours = replay_scenario(session, golden.meta["scenario"])
     assert sorted(ours) == sorted(golden.sequence.files)
     for key in golden.sequence.files:
         assert_close(ours[key], golden.sequence[key], key)

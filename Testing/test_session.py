@@ -6,30 +6,19 @@ is tracked as present (a mask prompt is the one output such a model gets "right"
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
-import torch
+from golden import golden_model
 
 import medsam2
 from medsam2 import InputError
 
-GOLDEN = Path(__file__).parent / "data" / "golden" / "sam2.1"
 T, H, W = 8, 24, 32
 
 
 @pytest.fixture(scope="module")
 def model() -> medsam2.SAM2Model:
-    meta = json.loads((GOLDEN / "meta.json").read_text())
-    config = medsam2.ModelConfig(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()}
-    )
-    model = medsam2.load_model(GOLDEN / "weights.safetensors", config=config, device="cpu")
-    with torch.no_grad():
-        model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias += 5.0
-    return model
+    return golden_model(presence_shift=5.0)
 
 
 @pytest.fixture(scope="module")

@@ -9,44 +9,31 @@ the absent model makes the number of slices each pass visits exactly predictable
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from golden import golden_model
 
 import medsam2
 from medsam2 import InputError, Prompt
 from medsam2.io import read_image
 from medsam2.volume import _ROI_MARGIN_FRACTION, _ROI_MARGIN_VOXELS, Aggregation, _labels, _Votes
 
-GOLDEN = Path(__file__).parent / "data" / "golden" / "sam2.1"
 SLICERIO_DATA = Path(__import__("slicerio").__file__).parent / "data"
 SHAPE = (14, 18, 22)  # every axis a different length, so a slice taken on the wrong axis cannot fit
 NAMES = ("axial", "coronal", "sagittal")
 
 
-def _model(presence_shift: float) -> medsam2.SAM2Model:
-    meta = json.loads((GOLDEN / "meta.json").read_text())
-    config = medsam2.ModelConfig(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()}
-    )
-    model = medsam2.load_model(GOLDEN / "weights.safetensors", config=config, device="cpu")
-    with torch.no_grad():
-        model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias += presence_shift
-    return model
-
-
 @pytest.fixture(scope="module")
 def present_model() -> medsam2.SAM2Model:
-    return _model(5.0)
+    return golden_model(presence_shift=5.0)
 
 
 @pytest.fixture(scope="module")
 def absent_model() -> medsam2.SAM2Model:
-    return _model(-10.0)
+    return golden_model(presence_shift=-10.0)
 
 
 def _synthetic(dtype=np.float32, shape=SHAPE) -> np.ndarray:

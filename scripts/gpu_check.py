@@ -28,46 +28,23 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "MedSAM2Slicer"))
+sys.path.insert(0, str(ROOT / "Testing"))
+
+from golden import GOLDEN, golden_meta, golden_model, replay_scenario  # noqa: E402
 
 import medsam2  # noqa: E402
 from medsam2.frames import FrameStack  # noqa: E402
 
-GOLDEN = ROOT / "Testing" / "data" / "golden"
-
 
 def golden_parity(dtype: str | None, device: str) -> dict:
-    """Max abs logit difference and min mask IoU of the golden scenario on CUDA against the oracle."""
+    """Max abs logit difference and min mask IoU of the golden scenario against the oracle's outputs."""
     out = {}
     for flavour in ("sam2.0", "sam2.1"):
-        folder = GOLDEN / flavour
-        meta = json.loads((folder / "meta.json").read_text())
-        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()}
-        model = medsam2.load_model(
-            folder / "weights.safetensors", config=medsam2.ModelConfig(**fields), device=device, dtype=dtype
-        )
-        frames = np.load(folder / "frames.npy")
-        reference = np.load(folder / "sequence.npz")
+        model = golden_model(flavour, device=device, dtype=dtype)
+        frames = np.load(GOLDEN / flavour / "frames.npy")
+        reference = np.load(GOLDEN / flavour / "sequence.npz")
         session = medsam2.Session(model, frames, memory=medsam2.MemoryOptions(policy="recent"))
-        ours = {}
-        for step, op in enumerate(meta["scenario"]):
-            if op["op"] == "prompt":
-                mask = None
-                if "mask" in op:
-                    mask = np.zeros(frames.shape[1:], bool)
-                    for y0, x0, y1, x1 in op["mask"]:
-                        mask[y0:y1, x0:x1] = True
-                ours[f"step{step}/prompt"] = session.add_prompt(
-                    op["frame"],
-                    obj_id=op["obj_id"],
-                    points=op.get("points"),
-                    labels=op.get("labels"),
-                    box=op.get("box"),
-                    mask=mask,
-                )
-            else:
-                for t, logits in session.propagate(start=op["start"], reverse=op["reverse"]):
-                    for obj_id, x in logits.items():
-                        ours[f"step{step}/frame{t}/obj{obj_id}"] = x
+        ours = replay_scenario(session, golden_meta(flavour)["scenario"])
         diffs, ious = [], []
         for key in reference.files:
             ref, mine = reference[key], ours[key]

@@ -1,0 +1,69 @@
+"""The golden files of the parity tests: the tiny random-weight models and the oracle's scenario.
+
+Written by scripts/oracle/make_golden.py with the official SAM 2 package as the oracle. Also used by
+scripts/gpu_check.py to replay the scenario on a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import medsam2
+
+GOLDEN = Path(__file__).parent / "data" / "golden"
+
+
+def golden_meta(flavour: str = "sam2.1") -> dict:
+    return json.loads((GOLDEN / flavour / "meta.json").read_text())
+
+
+def golden_config(flavour: str = "sam2.1") -> medsam2.ModelConfig:
+    fields = golden_meta(flavour)["config"]
+    return medsam2.ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
+def golden_model(
+    flavour: str = "sam2.1", presence_shift: float = 0.0, device: str = "cpu", dtype: str | None = None
+) -> medsam2.SAM2Model:
+    """The tiny model; ``presence_shift`` moves its object-score logit (e.g. +5: objects stay present)."""
+    model = medsam2.load_model(
+        GOLDEN / flavour / "weights.safetensors", config=golden_config(flavour), device=device, dtype=dtype
+    )
+    if presence_shift:
+        with torch.no_grad():
+            model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias += presence_shift
+    return model
+
+
+def scenario_mask(rects: list[list[int]], shape: tuple[int, int]) -> np.ndarray:
+    """A boolean mask made of ``[y0, x0, y1, x1]`` rectangles."""
+    mask = np.zeros(shape, dtype=bool)
+    for y0, x0, y1, x1 in rects:
+        mask[y0:y1, x0:x1] = True
+    return mask
+
+
+def replay_scenario(session: medsam2.Session, scenario: list[dict]) -> dict[str, np.ndarray]:
+    """Run the oracle's prompt/propagate steps on ``session``; outputs keyed as in ``sequence.npz``."""
+    shape = (session.frames.height, session.frames.width)
+    out = {}
+    for step, op in enumerate(scenario):
+        if op["op"] == "prompt":
+            mask = scenario_mask(op["mask"], shape) if "mask" in op else None
+            out[f"step{step}/prompt"] = session.add_prompt(
+                op["frame"],
+                obj_id=op["obj_id"],
+                points=op.get("points"),
+                labels=op.get("labels"),
+                box=op.get("box"),
+                mask=mask,
+            )
+        else:
+            for t, logits in session.propagate(start=op["start"], reverse=op["reverse"]):
+                for obj_id, frame_logits in logits.items():
+                    out[f"step{step}/frame{t}/obj{obj_id}"] = frame_logits
+    return out
