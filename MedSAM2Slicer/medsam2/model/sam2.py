@@ -94,6 +94,11 @@ class MaskPrediction:
     candidate_ious: torch.Tensor | None = None
 
 
+def _pooled(x: torch.Tensor, pool: int) -> torch.Tensor:
+    """``[B, C, h, w]`` averaged over ``pool x pool`` cells (identity for 1)."""
+    return x if pool == 1 else F.avg_pool2d(x, pool)
+
+
 def sine_encoding_1d(positions: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:
     """Transformer-style sine/cosine encoding of scalar positions: ``[N]`` -> ``[N, dim]``."""
     half = dim // 2
@@ -174,15 +179,20 @@ class SAM2Model(nn.Module):
         """The frame's embedding conditioned on memory: ``[B, C, h, w]``.
 
         Without memory (the first prompted frame of an object) the learnt no-memory embedding is added instead.
+        With ``config.memory_attention_pool = p > 1`` attention runs on ``p x p`` average-pooled maps (current
+        frame and memories alike, ``p^4`` times cheaper) and its change to the pooled map is upsampled and added
+        to the full-resolution embedding, which keeps its detail for the decoder.
         """
         embedding = features.embedding
         b, c, h, w = embedding.shape
         if context is None or not context.frames:
             return embedding + self.no_mem_embed.view(1, c, 1, 1)
+        pool = self.config.memory_attention_pool
+        current, current_pos = _pooled(embedding, pool), _pooled(features.position, pool)
         tokens, token_pos = [], []
         for memory, slot in context.frames:
-            tokens.append(memory.features.to(embedding.dtype).flatten(2).permute(2, 0, 1))
-            pos = memory.position.to(embedding.dtype).flatten(2).permute(2, 0, 1)
+            tokens.append(_pooled(memory.features.to(embedding.dtype), pool).flatten(2).permute(2, 0, 1))
+            pos = _pooled(memory.position.to(embedding.dtype), pool).flatten(2).permute(2, 0, 1)
             token_pos.append(pos + self.maskmem_tpos_enc[slot])
         num_pointer_tokens = 0
         if context.pointers:
@@ -191,13 +201,16 @@ class SAM2Model(nn.Module):
             token_pos.append(pointer_pos)
             num_pointer_tokens = pointer_tokens.shape[0]
         out = self.memory_attention(
-            curr=embedding.flatten(2).permute(2, 0, 1),
+            curr=current.flatten(2).permute(2, 0, 1),
             memory=torch.cat(tokens),
-            curr_pos=features.position.flatten(2).permute(2, 0, 1),
+            curr_pos=current_pos.flatten(2).permute(2, 0, 1),
             memory_pos=torch.cat(token_pos),
             num_obj_ptr_tokens=num_pointer_tokens,
         )
-        return out.permute(1, 2, 0).reshape(b, c, h, w)
+        out = out.permute(1, 2, 0).reshape(current.shape)
+        if pool == 1:
+            return out
+        return embedding + F.interpolate(out - current, size=(h, w), mode="bilinear", align_corners=False)
 
     def _pointer_tokens(self, context: MemoryContext, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Object pointers as memory tokens: ``[N * C/mem_dim, B, mem_dim]`` and their encodings."""
