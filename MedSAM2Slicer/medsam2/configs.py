@@ -102,7 +102,11 @@ class ModelConfig:
     memory_attention_heads: int = 1
     memory_attention_feedforward: int = 2048
     memory_attention_dropout: float = 0.1
+    # Queries, keys and values of the memory attention are projected to hidden_dim / this rate (1 in SAM 2).
+    memory_attention_downsample_rate: int = 1
     rope_theta: float = 10000.0
+    # Memory attention on average-pooled maps (p x p cells), its change upsampled onto the embedding (1: SAM 2).
+    memory_attention_pool: int = 1
     memory_fuser_layers: int = 2
     sigmoid_scale_for_mem_enc: float = 20.0
     sigmoid_bias_for_mem_enc: float = -10.0
@@ -160,7 +164,10 @@ def _official(version: str, size: str) -> ModelConfig:
 
 def _medsam2_lite() -> ModelConfig:
     # LiteMedSAM's TinyViT gives a single 64x64 map at 256 px (stride 4) and no multi-level features; its
-    # decoder is SAM's (IoU regressed without a sigmoid). The memory side is sized for CPU training.
+    # decoder is SAM's (IoU regressed without a sigmoid). Memory attention runs on all 64 x 64 = 4096 tokens
+    # of that map (SAM 2 at 1024 px: 64 x 64 too), so it is sized for CPU training and inference: one layer
+    # instead of four, attention projected to 256 / 8 = 32 channels (one head), a 512-wide feedforward, and
+    # one fuser block in the memory encoder. With 6 memories this is ~5 GMAC per frame instead of ~100.
     return ModelConfig(
         name="medsam2_lite",
         image_size=256,
@@ -171,8 +178,10 @@ def _medsam2_lite() -> ModelConfig:
         box_padding_token=False,
         use_high_res_features=False,
         iou_prediction_use_sigmoid=False,
-        memory_attention_layers=2,
-        memory_attention_feedforward=1024,
+        memory_attention_layers=1,
+        memory_attention_feedforward=512,
+        memory_attention_downsample_rate=8,
+        memory_fuser_layers=1,
         **_SAM21_FLAGS,
     )
 

@@ -82,6 +82,7 @@ def _memory_attention(config: ModelConfig) -> MemoryAttention:
         return RoPEAttention(
             embedding_dim=config.hidden_dim,
             num_heads=config.memory_attention_heads,
+            downsample_rate=config.memory_attention_downsample_rate,
             dropout=config.memory_attention_dropout,
             kv_in_dim=kv_in_dim,
             rope_theta=config.rope_theta,
