@@ -636,3 +636,38 @@ def test_logic_run_on_the_worker_and_apply_on_the_caller_thread(scene):
     expected = painted((34, 128, 128), 0, 9, (5, 5, 20, 20))
     np.testing.assert_array_equal(segment_on_grid(segmentation, segment_id, volume), expected)
     worker.shutdown(timeout=5)
+
+
+# -- the real engine ----------------------------------------------------------------------------------------
+
+
+def test_a_real_small_model_runs_end_to_end(scene):
+    """The default engine (medsam2.segment_volume) with the tiny golden model, from a segment as mask prompt."""
+    from golden import golden_model
+
+    volume = load_ct(scene)
+    reference = load_segmentation(scene)
+    lung = reference.GetSegmentation().GetSegmentIdBySegmentName("right lung")
+    lung_voxels = segment_on_grid(reference, lung, volume)
+    voxels = volume_array(volume)
+    before = all_segments(reference, volume)
+    logic = SegmentationLogic(model=golden_model(presence_shift=5.0))
+    prompts = logic.prompts_from_nodes(volume, mask_segment=(reference, lung, 20, "axial"))
+    progress = []
+    segment_id = logic.segment(
+        volume,
+        reference,
+        prompts,
+        options={"orientations": 2, "window": "lung"},
+        progress=lambda done, total, message: progress.append(done),
+    )
+    result = segment_on_grid(reference, segment_id, volume)
+    assert result.shape == voxels.shape and result.any()
+    prompted = result[20]
+    overlap = (prompted & lung_voxels[20]).sum() / (prompted | lung_voxels[20]).sum()
+    assert overlap > 0.9  # a mask prompt is the prompted slice's answer
+    assert progress and progress[-1] >= 2
+    after = all_segments(reference, volume)
+    after.pop(segment_id)
+    assert_same_segments(before, after)
+    np.testing.assert_array_equal(volume_array(volume), voxels)
