@@ -4,6 +4,7 @@ from .checkpoint import read_state_dict, save_state_dict
 from .configs import ModelConfig
 from .errors import Cancelled, CheckpointError, InputError, MedSAM2Error
 from .images import segment_images
+from .lite import register as _register_lite
 from .load import load_model, resolve_device
 from .memory import MemoryOptions
 from .model.build import build_model
@@ -32,3 +33,5 @@ __all__ = [
     "segment_volume",
 ]
 __version__ = "0.1.0"
+
+_register_lite()  # the medsam2-lite registry entry; reads no file

@@ -164,10 +164,11 @@ def _official(version: str, size: str) -> ModelConfig:
 
 def _medsam2_lite() -> ModelConfig:
     # LiteMedSAM's TinyViT gives a single 64x64 map at 256 px (stride 4) and no multi-level features; its
-    # decoder is SAM's (IoU regressed without a sigmoid). Memory attention runs on all 64 x 64 = 4096 tokens
-    # of that map (SAM 2 at 1024 px: 64 x 64 too), so it is sized for CPU training and inference: one layer
-    # instead of four, attention projected to 256 / 8 = 32 channels (one head), a 512-wide feedforward, and
-    # one fuser block in the memory encoder. With 6 memories this is ~5 GMAC per frame instead of ~100.
+    # decoder is SAM's (IoU regressed without a sigmoid). The memory side is sized for CPU training and
+    # inference: memory attention runs on 4x4-pooled maps (16 x 16 = 256 tokens per frame instead of 4096,
+    # its change upsampled onto the full embedding), two layers instead of SAM 2's four, attention projected
+    # to 256 / 2 = 128 channels (one head), a 1024-wide feedforward, and one fuser block in the memory
+    # encoder. Memory attention then costs ~0.3 GMAC per frame with 6 memories (SAM 2's layout here: ~100).
     return ModelConfig(
         name="medsam2_lite",
         image_size=256,
@@ -178,9 +179,10 @@ def _medsam2_lite() -> ModelConfig:
         box_padding_token=False,
         use_high_res_features=False,
         iou_prediction_use_sigmoid=False,
-        memory_attention_layers=1,
-        memory_attention_feedforward=512,
-        memory_attention_downsample_rate=8,
+        memory_attention_layers=2,
+        memory_attention_feedforward=1024,
+        memory_attention_downsample_rate=2,
+        memory_attention_pool=4,
         memory_fuser_layers=1,
         **_SAM21_FLAGS,
     )

