@@ -64,36 +64,50 @@ class FrameStack:
     def model_input(
         self, index: int, device: torch.device, dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:
-        """Frame ``index`` resized to ``[1, 3, S, S]`` and normalised with the ImageNet statistics."""
+        """Frame ``index`` as the model's normalised input ``[1, 3, S, S]``."""
         image = torch.from_numpy(np.ascontiguousarray(self.frames[index])).to(device, torch.float32)
         image = image * self.scale
         image = image.permute(2, 0, 1) if self.rgb else image.unsqueeze(0).expand(3, -1, -1)
-        image = image.unsqueeze(0)
-        size = self.image_size
-        if image.shape[-2:] != (size, size):
-            image = F.interpolate(
-                image, size=(size, size), mode="bilinear", align_corners=False, antialias=True
-            )
-        mean = torch.tensor(PIXEL_MEAN, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(PIXEL_STD, device=device).view(1, 3, 1, 1)
-        return ((image - mean) / std).to(dtype)
+        image = self._resize(image.unsqueeze(0))
+        if self.minmax:
+            low, high = image.amin(), image.amax()
+            image = (image - low) / (high - low).clamp(min=1e-8)
+        else:
+            mean = torch.tensor(PIXEL_MEAN, device=device).view(1, 3, 1, 1)
+            std = torch.tensor(PIXEL_STD, device=device).view(1, 3, 1, 1)
+            image = (image - mean) / std
+        return self._pad(image).to(dtype)
+
+    def _resize(self, image: torch.Tensor) -> torch.Tensor:
+        if tuple(image.shape[-2:]) == self.content:
+            return image
+        return F.interpolate(image, size=self.content, mode="bilinear", align_corners=False, antialias=True)
+
+    def _pad(self, image: torch.Tensor) -> torch.Tensor:
+        h, w = self.content
+        return F.pad(image, (0, self.image_size - w, 0, self.image_size - h))
 
     def to_model_coords(self, xy: np.ndarray) -> np.ndarray:
         """Pixel ``(x, y)`` of the frame -> coordinates in the model's ``S x S`` input."""
-        return np.asarray(xy, dtype=np.float64) / [self.width, self.height] * self.image_size
+        h, w = self.content
+        return np.asarray(xy, dtype=np.float64) * [w / self.width, h / self.height]
 
     def mask_to_model(self, mask: np.ndarray, device: torch.device) -> torch.Tensor:
         """A boolean ``[H, W]`` mask -> binary ``[1, 1, S, S]`` float mask."""
         m = torch.as_tensor(np.asarray(mask, dtype=np.float32), device=device)[None, None]
-        size = self.image_size
-        if m.shape[-2:] != (size, size):
-            m = F.interpolate(m, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-            m = (m >= 0.5).float()
-        return m
+        if tuple(m.shape[-2:]) != self.content:
+            m = (self._resize(m) >= 0.5).float()
+        return self._pad(m)
 
-    def logits_to_frame(self, low_res_logits: torch.Tensor) -> torch.Tensor:
-        """Logits ``[B, 1, h, w]`` at any resolution -> ``[B, H, W]`` at the frame's size (bilinear)."""
+    def logits_to_frame(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, 1, h, w]`` of the model's square input -> ``[B, H, W]`` at the frame's size."""
+        side = logits.shape[-1]
+        rows = round(self.content[0] * side / self.image_size)
+        cols = round(self.content[1] * side / self.image_size)
         out = F.interpolate(
-            low_res_logits.float(), size=(self.height, self.width), mode="bilinear", align_corners=False
+            logits[..., :rows, :cols].float(),
+            size=(self.height, self.width),
+            mode="bilinear",
+            align_corners=False,
         )
         return out[:, 0]

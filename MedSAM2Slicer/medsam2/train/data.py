@@ -33,9 +33,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
-import torch.nn.functional as F
 from skimage.morphology import remove_small_objects
 
+from ..configs import ModelConfig
+from ..frames import FrameStack
 from ..preprocess import prepare_intensities
 
 SIZE = 256
@@ -63,17 +64,13 @@ HELD_OUT = ("slicerio CTChest4.nrrd + Segmentation.seg.nrrd",)
 def lite_input(image: np.ndarray, size: int = SIZE) -> tuple[np.ndarray, tuple[int, int]]:
     """A ``[H, W]`` slice -> ``[size, size]`` float32 as LiteMedSAM takes images, and the content size.
 
-    Longest side to ``size`` (antialiased bilinear), min-max to [0, 1], zero padding at the bottom and right.
+    Longest side to ``size`` (antialiased bilinear), min-max to [0, 1], zero padding at the bottom and right:
+    the engine's own input path (:class:`medsam2.frames.FrameStack` with the ``medsam2_lite`` conventions), so
+    training sees exactly what inference sees.
     """
-    h, w = image.shape
-    scale = size / max(h, w)
-    content = (max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5)))
-    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
-    x = F.interpolate(x, size=content, mode="bilinear", align_corners=False, antialias=True)[0, 0]
-    x = (x - x.min()) / (x.max() - x.min()).clamp_min(1e-8)
-    out = np.zeros((size, size), np.float32)
-    out[: content[0], : content[1]] = x.numpy()
-    return out, content
+    config = ModelConfig.preset("medsam2_lite").replace(image_size=size)
+    stack = FrameStack(np.asarray(image, dtype=np.float32)[None], config)
+    return stack.model_input(0, torch.device("cpu"))[0, 0].numpy(), stack.content
 
 
 def lite_labels(labels: np.ndarray, size: int = SIZE) -> np.ndarray:
