@@ -126,3 +126,17 @@ def test_box_on_a_real_ct_slice_gives_litemedsams_mask(lite_model):
     # self-attention. The answer must still agree with LiteMedSAM's almost everywhere on a coarse grid.
     agree = (logits[4::8, 4::8] > 0) == (reference["logits_grid"] > 0)
     assert agree.mean() >= 0.97, agree.mean()
+
+
+def test_litemedsam_alone_reproduces_the_original_logits(litemedsam_state_dict):
+    """Without the object-score token our decoder is LiteMedSAM's: the evaluation's no-memory baseline."""
+    from medsam2.lite import litemedsam_model
+
+    model = litemedsam_model()
+    reference = np.load(REFERENCE)
+    box = torch.from_numpy(reference["box"]).reshape(1, 2, 2)
+    with torch.inference_mode():
+        features = model.encode_image(_reference_input(int(reference["slice"])))
+        prediction = model.predict(features, None, points=(box, torch.tensor([[2, 3]], dtype=torch.int32)))
+    logits = prediction.high_res_logits[0, 0].numpy()[4::8, 4::8]
+    np.testing.assert_allclose(logits, reference["logits_grid"], atol=1e-3, rtol=0)  # logits reach +-31

@@ -7,13 +7,18 @@ import dataclasses
 import numpy as np
 import torch
 from golden import GOLDEN, golden_config
+from safetensors.torch import load_file
 
 import medsam2
 
 
 def _pooled_model(pool: int) -> medsam2.SAM2Model:
     config = dataclasses.replace(golden_config(), memory_attention_pool=pool)
-    model = medsam2.load_model(GOLDEN / "sam2.1" / "weights.safetensors", config=config, device="cpu")
+    weights = load_file(GOLDEN / "sam2.1" / "weights.safetensors")
+    if pool > 1:  # the pooled path's LayerScale, which the official layout does not have
+        weights["memory_attention_scale"] = torch.ones(config.hidden_dim)
+    model = medsam2.build_model(config).eval()
+    model.load_state_dict(weights, strict=True)
     with torch.no_grad():
         model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias += 5.0
     return model
@@ -57,3 +62,21 @@ def test_pooling_changes_only_the_attention_path():
         outputs.append((first, dict(session.propagate())))
     np.testing.assert_array_equal(outputs[0][0], outputs[1][0])
     assert not np.allclose(outputs[0][1][3][1], outputs[1][1][3][1])
+
+
+def test_pooled_change_is_scaled_per_channel():
+    model = _pooled_model(2)
+    session = medsam2.Session(model, _frames(), memory=medsam2.MemoryOptions(policy="recent"))
+    session.add_prompt(0, box=(8, 9, 32, 27))
+    list(session.propagate(max_frames=2))
+    track = session.tracks[1]
+    context = session.policy.context(track, 3, False, session.num_frames, None)
+    features = session._frame_features(3)
+    with torch.no_grad():
+        full = model.attend_memory(features, context) - features.embedding
+        model.memory_attention_scale[::2] = 0.0
+        model.memory_attention_scale[1::2] = 0.5
+        scaled = model.attend_memory(features, context) - features.embedding
+    assert full.abs().amax() > 1e-3
+    assert torch.equal(scaled[:, ::2], torch.zeros_like(scaled[:, ::2]))
+    torch.testing.assert_close(scaled[:, 1::2], 0.5 * full[:, 1::2])

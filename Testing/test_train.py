@@ -124,7 +124,7 @@ def test_trainable_parameters_exclude_the_pretrained_parts():
     names = trainable_names(_model(), train_decoder=False)
     assert any(n.startswith("memory_attention.") for n in names)
     assert any(n.startswith("sam_mask_decoder.pred_obj_score_head.") for n in names)
-    assert "sam_mask_decoder.obj_score_token.weight" in names
+    assert "sam_mask_decoder.obj_score_token.weight" not in names  # kept at zero, see trainer.py
     assert not any(n.startswith(("image_encoder.", "sam_prompt_encoder.")) for n in names)
     assert not any(n.startswith("sam_mask_decoder.transformer.") for n in names)
     assert "no_mem_embed" not in names
@@ -164,6 +164,84 @@ def test_losses_are_zero_for_a_perfect_confident_answer():
     assert all(float(v) < 1e-3 for v in terms.values()), terms
 
 
+def test_mask_terms_count_a_present_object_that_is_predicted_absent():
+    target = torch.zeros(1, 16, 16, dtype=torch.bool)
+    target[0, 4:10, 4:10] = True
+    raw = torch.where(target, 2.0, -2.0)[:, None]  # the decoder's mask, before the no-object fill
+    prediction = medsam2.model.sam2.MaskPrediction(
+        low_res_logits=torch.full_like(raw, -1024.0),
+        high_res_logits=torch.full_like(raw, -1024.0),
+        iou=torch.ones(1),
+        obj_ptr=torch.zeros(1, 4),
+        object_score=torch.full((1, 1), -3.0),
+        candidate_logits=raw.requires_grad_(),
+        candidate_ious=torch.ones(1, 1),
+    )
+    terms = prediction_losses(prediction, target)
+    assert float(terms["dice"].detach()) > 0.05 and float(terms["presence"].detach()) > 2.5
+    (terms["focal"] + terms["dice"]).backward()
+    assert raw.grad.abs().sum() > 0
+
+
+def test_fresh_pooled_memory_leaves_the_embedding_exactly_as_it_was():
+    model = medsam2.build_model(TINY.replace(memory_attention_pool=2)).eval()
+    init_fresh_parts(model)
+    side = TINY.image_embedding_size
+    embedding = torch.randn(1, TINY.hidden_dim, side, side)
+    features = medsam2.model.sam2.ImageFeatures(embedding, torch.randn_like(embedding), None)
+    memory = medsam2.model.sam2.Memory(
+        torch.randn(1, TINY.mem_dim, side, side), torch.randn(1, TINY.mem_dim, side, side)
+    )
+    context = medsam2.model.sam2.MemoryContext([(memory, 0)], [(1, torch.randn(1, TINY.hidden_dim))], 8)
+    with torch.no_grad():
+        assert torch.equal(model.attend_memory(features, context), embedding)
+
+
+def test_fresh_object_score_head_says_present_and_its_token_is_zero():
+    model = _model().eval()
+    assert not model.sam_mask_decoder.obj_score_token.weight.any()
+    tokens = torch.randn(5, TINY.hidden_dim)
+    scores = model.sam_mask_decoder.pred_obj_score_head(tokens)
+    assert (scores > 2).all() and (scores < 4).all()
+
+
+def test_consecutive_sequences_track_with_the_previous_box_and_shuffled_ones_with_the_first(cache_folder):
+    model = medsam2.build_model(TINY.replace(tracking_box_margin=0.05)).eval()
+    init_fresh_parts(model)
+    cache = data.SourceCache(cache_folder, (2, 2, 2), TINY.image_size, FEATURES)
+    sampler = SequenceSampler(
+        [cache], SamplerOptions(frames=4, max_objects=1, max_corrections=0), seeded_rng(3)
+    )
+    tracked_points = []
+    predict = model.predict
+
+    def recording(features, context, points=None, mask=None, previous_logits=None):
+        if context is not None and context.frames:
+            tracked_points.append(points)
+        return predict(features, context, points=points, mask=mask, previous_logits=previous_logits)
+
+    model.predict = recording
+    sequence = sampler.sample()
+    with torch.inference_mode():
+        _, logits = run_sequence(model, sequence, None)
+    assert sequence.consecutive and len(tracked_points) == 3
+    for previous, points in zip(logits, tracked_points):
+        expected = model.tracking_prompt(previous)
+        assert (points is None) == (expected is None)
+        if points is not None:
+            torch.testing.assert_close(points[0], expected[0])
+    assert any(points is not None for points in tracked_points)
+
+    tracked_points.clear()
+    sequence.consecutive = False  # unrelated slices: every one gets the prompted first frame's box
+    with torch.inference_mode():
+        _, logits = run_sequence(model, sequence, None)
+    first = model.tracking_prompt(logits[0])
+    assert len(tracked_points) == 3 and first is not None
+    for points in tracked_points:
+        torch.testing.assert_close(points[0], first[0])
+
+
 def test_training_runs_end_to_end_and_writes_log_and_checkpoint(cache_folder, tmp_path):
     trainer = _trainer(cache_folder, tmp_path, steps=3)
     trainer.run(progress=False)
@@ -190,10 +268,6 @@ def test_loss_decreases_on_a_fixed_sequence(cache_folder, tmp_path):
         fixed = trainer.sampler.sample()
     fixed.corrections = []
     trainer.sampler.sample = lambda: fixed
-    # Predicted absent, a frame's mask terms do not count; start with the object predicted present so that
-    # the whole loss is in play from the first step.
-    with torch.no_grad():
-        trainer.model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(10.0)
     losses = [trainer.train_step()["loss"] for _ in range(20)]
     assert all(math.isfinite(v) for v in losses)
     assert np.mean(losses[-4:]) < 0.97 * np.mean(losses[:2]), losses

@@ -88,8 +88,8 @@ def test_output_lies_on_the_input_grid_of_a_real_ct(present_model, chest_ct, ori
         orientations, [f"{n} {d}" for n in NAMES for d in ("forward", "reverse")]
     )
     assert sorted(result.frames_visited) == sorted(expected_passes)
-    if orientations < 6:  # only the prompt axis voted: the prompted slice is the prompt's mask
-        assert _iou(result.labels[z // 2] == 1, mask) > 0.9
+    # The other axes' passes cross the prompted slice, but it keeps what the prompt gave: the mask.
+    assert _iou(result.labels[z // 2] == 1, mask) > 0.9
     if orientations == 1:  # forward only: nothing before the prompted slice was visited
         assert not result.labels[: z // 2].any()
 
@@ -228,6 +228,24 @@ def test_objects_prompted_on_different_axes_keep_their_own_votes(absent_model):
     ]
     assert np.array_equal(both.probabilities[1], alone.probabilities[1])
     assert np.array_equal(both.labels == 1, alone.labels == 1)
+
+
+def test_prompted_slices_keep_the_prompt_but_seeded_slices_are_voted_on(absent_model):
+    """With the absent model every tracked slice is empty, so the other axes vote "no" on the prompted
+    slice's voxels; the user's prompt still wins there, and only there."""
+    volume = _synthetic()
+    mask = _corner_mask(SHAPE[1:])
+    correction = np.zeros((SHAPE[0], SHAPE[2]), bool)
+    correction[6:12, 3:12] = True  # agrees with the axial mask where the two slices cross (z 5, y 15)
+    prompts = [Prompt(axis=0, index=5, mask=mask), Prompt(axis=1, index=15, mask=correction)]
+    result = medsam2.segment_volume(absent_model, volume, prompts, orientations=6, roi=None)
+    assert np.array_equal(result.labels[5] == 1, mask)
+    assert np.array_equal(result.labels[:, 15] == 1, correction)
+    # Elsewhere it is the vote: the seeded coronal and sagittal slices are outvoted by empty slices.
+    seeded = result.probabilities[1].copy()
+    seeded[5] = 0
+    seeded[:, 15] = 0
+    assert (seeded <= 0.5).all()
 
 
 # ---------------------------------------------------------------- cancel

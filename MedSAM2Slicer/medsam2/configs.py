@@ -111,6 +111,9 @@ class ModelConfig:
     sigmoid_scale_for_mem_enc: float = 20.0
     sigmoid_bias_for_mem_enc: float = -10.0
     max_obj_ptrs_in_encoder: int = 16
+    # Tracked slices prompted with the box of the previous slice's mask, grown on each side by this fraction
+    # of its longer side (at least 2 px); None: SAM 2's prompt-free tracking. For a decoder trained on boxes.
+    tracking_box_margin: float | None = None
 
     # SAM 2.1 additions.
     no_obj_embed_spatial: bool = True
@@ -169,6 +172,9 @@ def _medsam2_lite() -> ModelConfig:
     # its change upsampled onto the full embedding), two layers instead of SAM 2's four, attention projected
     # to 256 / 2 = 128 channels (one head), a 1024-wide feedforward, and one fuser block in the memory
     # encoder. Memory attention then costs ~0.3 GMAC per frame with 6 memories (SAM 2's layout here: ~100).
+    # LiteMedSAM's decoder only ever saw box prompts, so a tracked slice keeps getting one: the box of the
+    # previous slice's mask, 5 % larger on each side; memory and the object score decide what is kept and
+    # when the object has ended (LiteMedSAM alone runs past the ends, DESIGN.md section 4).
     return ModelConfig(
         name="medsam2_lite",
         image_size=256,
@@ -184,6 +190,7 @@ def _medsam2_lite() -> ModelConfig:
         memory_attention_downsample_rate=2,
         memory_attention_pool=4,
         memory_fuser_layers=1,
+        tracking_box_margin=0.05,
         **_SAM21_FLAGS,
     )
 

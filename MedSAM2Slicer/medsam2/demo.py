@@ -41,10 +41,11 @@ def bundled_data() -> tuple[Path, Path]:
 
 
 def box_on_largest_slice(mask: np.ndarray) -> tuple[int, tuple[int, int, int, int]]:
-    """The axial slice where ``mask`` ``[Z, Y, X]`` is largest and its bounding box (x0, y0, x1, y1) there."""
+    """The axial slice where ``mask`` ``[Z, Y, X]`` is largest and the box ``(x0, y0, x1, y1)`` of its pixels
+    there, on pixel edges (``x1`` = last column + 1), as a box drawn around them would be."""
     index = int(np.argmax(mask.sum(axis=(1, 2))))
     rows, cols = np.nonzero(mask[index])
-    return index, (int(cols.min()), int(rows.min()), int(cols.max()), int(rows.max()))
+    return index, (int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,7 +43,7 @@ def segment_images(
     order = [template] + [i for i in range(len(frames)) if i != template]
     height, width = frames[template].shape[:2]
     stack = np.stack([_resize(frames[i], (height, width)) for i in order])
-    session = Session(model, stack, memory=memory or MemoryOptions(), seed=seed)
+    session = Session(model, stack, memory=memory or MemoryOptions(), seed=seed, consecutive=False)
     session.add_prompt(0, obj_id=1, points=points, labels=labels, box=box, mask=mask)
     masks: list[np.ndarray | None] = [None] * len(frames)
     for t, logits in session.propagate(start=0):

@@ -82,6 +82,25 @@ def trained_state_dict(model: torch.nn.Module, litemedsam_keys: set[str]) -> dic
     return {k: v for k, v in model.state_dict().items() if k not in litemedsam_keys}
 
 
+def litemedsam_model(litemedsam_source: str | Path | None = None) -> torch.nn.Module:
+    """LiteMedSAM alone, in our model code: the ``medsam2_lite`` layout without the object-score token (which
+    would take part in the decoder's attention) and with a zero no-memory embedding, so that
+    ``predict(features, None, points=box)`` is LiteMedSAM's own answer. Its memory parts are untrained and
+    must not be used; it is the no-memory baseline of the evaluation."""
+    from .configs import ModelConfig
+    from .model.build import build_model
+
+    model = build_model(ModelConfig.preset(PRESET).replace(pred_obj_scores=False))
+    source = find_litemedsam_weights() if litemedsam_source is None else Path(litemedsam_source)
+    pretrained = litemedsam_to_model_keys(read_litemedsam_state_dict(source))
+    _, unexpected = model.load_state_dict(pretrained, strict=False)
+    if unexpected:
+        raise CheckpointError(f"LiteMedSAM keys the model does not have: {', '.join(unexpected[:5])}")
+    with torch.no_grad():
+        model.no_mem_embed.zero_()
+    return model.eval()
+
+
 def register() -> models.ModelEntry:
     """Install the ``medsam2-lite`` registry entry with its assembling ``prepare`` (reads no file)."""
     base = models.get(MODEL_NAME) if models.is_registered(MODEL_NAME) else None

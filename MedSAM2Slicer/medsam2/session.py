@@ -28,6 +28,10 @@ class Session:
 
     A prompt on a frame that was already tracked is a correction: that frame becomes a prompted
     (conditioning) frame, and the next :meth:`propagate` recomputes every frame that is not prompted.
+
+    ``consecutive``: the frames are neighbouring slices or video frames, so a model with a
+    ``tracking_box_margin`` prompts each tracked frame with the box of its neighbour's mask; ``False`` for
+    unrelated images, which then get the box of the nearest prompted frame's mask (the template's).
     """
 
     def __init__(
@@ -37,8 +41,10 @@ class Session:
         memory: MemoryOptions | None = None,
         seed: int = 0,
         feature_cache_bytes: int = _DEFAULT_FEATURE_CACHE_BYTES,
+        consecutive: bool = True,
     ) -> None:
         self.model = model
+        self.consecutive = consecutive
         self.frames = FrameStack(frames, model.config)
         self.options = memory or MemoryOptions()
         self.seed = seed
@@ -220,7 +226,7 @@ class Session:
     def _track_frame(self, track: ObjectTrack, t: int, reverse: bool) -> FrameRecord:
         features = self._frame_features(t)
         context = self.policy.context(track, t, reverse, self.num_frames, self._descriptors.get(t))
-        prediction = self.model.predict(features, context)
+        prediction = self.model.predict(features, context, points=self._tracking_prompt(track, t, reverse))
         record = self._record(t, prediction)
         record.memory = self._memory(
             features, prediction.high_res_logits, prediction.object_score, binarize=False
@@ -228,6 +234,19 @@ class Session:
         track.tracked[t] = record
         self.policy.observe(track, record)
         return record
+
+    def _tracking_prompt(
+        self, track: ObjectTrack, t: int, reverse: bool
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For models that track with a box: the box of the neighbour just processed, or for unrelated
+        images the box of the nearest prompted frame."""
+        if self.consecutive:
+            neighbour = t + 1 if reverse else t - 1
+            record = track.conditioning.get(neighbour) or track.tracked.get(neighbour)
+        else:
+            nearest = min(track.conditioning, key=lambda c: abs(c - t), default=None)
+            record = None if nearest is None else track.conditioning[nearest]
+        return self.model.tracking_prompt(None if record is None else record.low_res_logits)
 
     def _commit_prompts(self) -> None:
         """Encode the memory of frames prompted since the last propagation and make them conditioning frames."""

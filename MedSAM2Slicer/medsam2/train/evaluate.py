@@ -1,140 +1,404 @@
-"""Held-out check of the memory: tracking organs through slicerio's CTChest4 (never used for training).
+"""Held-out evaluation of ``medsam2-lite``: real volumes and structures that training never saw.
 
-For each organ, the axial slice where it is largest gets a mask prompt; the model tracks the organ from
-there towards both ends of the volume (two passes, as ``segment_volume`` does on the prompt axis) and the
-3D Dice against the reference segmentation is reported. Baseline without memory: LiteMedSAM slice by slice,
-each slice prompted with the box of the previous slice's prediction (stopping when it comes back empty),
-the approach DESIGN.md section 4 measured. Both use the same frozen features and the same model code.
+Volumes (none is a training source, ``medsam2.train.data``):
+
+- slicerio's ``CTChest4.nrrd`` (128 x 128 x 34 CT) with its ``Segmentation.seg.nrrd`` (manual segments);
+- TotalSegmentator 2.18.0's test files ``example_ct_sm.nii.gz`` (CT, 3 mm) and ``example_mr_sm.nii.gz`` (MR,
+  3 mm) with their reference label maps ``example_seg.nii.gz`` / ``example_seg_mr.nii.gz`` (TotalSegmentator's
+  own output, not manual), read from the sdist ``totalsegmentator-2.18.0.tar.gz`` in the data folder
+  (``pip download --no-deps --no-binary :all: totalsegmentator==2.18.0``).
+
+For each structure of :data:`STRUCTURES` the prompt is the reference's box on the axial slice where it is
+largest, and the whole volume is segmented by
+
+(i) ``segment_volume``, self-sorting memory, 6 orientations; (ii) the same with SAM 2's ``"recent"`` memory;
+(iii) self-sorting, 2 orientations (the prompt axis, both directions); (iv) no memory: LiteMedSAM slice by
+slice from the prompt slice outwards, each slice prompted with the previous slice's box grown by the model's
+``tracking_box_margin`` (the box the tracked model gets), until a slice comes back empty; (v) LiteMedSAM with
+the reference box on every slice where the structure is present (an upper bound no method can use). (iv) and
+(v) run LiteMedSAM itself (:func:`medsam2.lite.litemedsam_model`), without the object-score token that
+medsam2-lite's decoder adds.
+
+The 2D one-prompt setting (:func:`one_prompt_2d`): a box on the CT slice where a structure is largest is the
+only prompt; ``segment_images`` then segments that structure in other CT slices and in MR slices (another
+volume and modality). Baseline: the template's box, scaled, on every image, without memory.
+
+All volume methods run on the same prepared intensities (CT abdomen window, MR 0.5-99.5 percentiles).
 """
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import hashlib
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .. import metrics
+from ..demo import box_on_largest_slice
+from ..frames import FrameStack
+from ..images import segment_images
 from ..memory import MemoryOptions
-from ..model.sam2 import SAM2Model
+from ..model.sam2 import ImageFeatures, SAM2Model
 from ..preprocess import prepare_intensities
-from .data import lite_input, lite_labels, object_masks
-from .sequences import Sequence
-from .step import run_sequence
+from ..prompts import Prompt
+from ..volume import segment_volume
 
-ORGANS = ("right lung", "left lung")
+TOTALSEG_SDIST = "totalsegmentator-2.18.0.tar.gz"
+_TOTALSEG_FILES = "totalsegmentator-2.18.0/tests/reference_files/"
+_TOTALSEG_CLASSES = "totalsegmentator-2.18.0/totalsegmentator/map_to_binary.py"
+
+# Compact structures with a box-shaped extent on their slices (ribs, the body outline and costal cartilage
+# are not something one box describes).
+STRUCTURES = {
+    "CTChest4": ("right lung", "left lung", "thoracic vertebral column", "lumbar vertebral column"),
+    "TotalSegmentator CT": ("liver", "spleen", "stomach", "kidney_right", "kidney_left"),
+    "TotalSegmentator MR": ("liver", "spleen", "stomach", "kidney_right", "kidney_left"),
+}
+METHODS = (
+    "(i) self-sorting, 6 orientations",
+    "(ii) recent, 6 orientations",
+    "(iii) self-sorting, 2 orientations",
+    "(iv) no memory, previous box",
+    "(v) reference box every slice",
+)
 
 
-def load_ctchest4() -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
-    """CTChest4 ``[Z, Y, X]`` in [0, 1] (abdomen window), its label map, and segment name -> label value."""
-    import SimpleITK as sitk
+@dataclass
+class HeldOutVolume:
+    """``image`` ``[Z, Y, X]`` as stored; ``labels`` on the same grid; ``structures``: name -> label value."""
+
+    name: str
+    image: np.ndarray
+    spacing: tuple[float, float, float]
+    modality: str
+    labels: np.ndarray
+    structures: dict[str, int]
+
+    def mask(self, structure: str) -> np.ndarray:
+        return self.labels == self.structures[structure]
+
+
+def held_out_volumes(data_dir: Path) -> list[HeldOutVolume]:
+    """CTChest4 always; the two TotalSegmentator volumes when the sdist is in ``data_dir``."""
+    volumes = [_ctchest4()]
+    sdist = Path(data_dir) / TOTALSEG_SDIST
+    if sdist.is_file():
+        volumes += _totalsegmentator(sdist)
+    return volumes
+
+
+def _ctchest4() -> HeldOutVolume:
     import slicerio
 
+    from .. import io
+
     folder = Path(slicerio.__file__).parent / "data"
-    volume = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "CTChest4.nrrd")))
-    seg = slicerio.read_segmentation(str(folder / "Segmentation.seg.nrrd"))
-    labels = np.transpose(seg["voxels"], (2, 1, 0))  # slicerio gives IJK; the volume array is KJI
-    values = {s["name"]: int(s["labelValue"]) for s in seg["segments"]}
-    return prepare_intensities(volume, modality="ct"), labels, values
+    image = io.read_image(folder / "CTChest4.nrrd")
+    reference = io.read_labels(folder / "Segmentation.seg.nrrd", reference=image)
+    names = {n: v for v, n in reference.names.items()}
+    return HeldOutVolume(
+        "CTChest4",
+        image.array,
+        tuple(image.spacing_zyx),
+        "ct",
+        reference.array,
+        {s: names[s] for s in STRUCTURES["CTChest4"]},
+    )
 
 
-def encode_axial(model: SAM2Model, volume: np.ndarray) -> torch.Tensor:
-    """Frozen features ``[Z, C, h, w]`` of every axial slice, prepared as for training."""
-    size = model.image_size
+def _totalsegmentator(sdist: Path) -> list[HeldOutVolume]:
+    import SimpleITK as sitk
+
     out = []
-    with torch.inference_mode():
-        for z in range(volume.shape[0]):
-            image = torch.from_numpy(lite_input(volume[z], size)[0]).to(model.device)
-            out.append(model.encode_image(image[None, None].expand(1, 3, -1, -1)).embedding.cpu())
-    return torch.cat(out)
+    with tarfile.open(sdist) as archive, tempfile.TemporaryDirectory() as tmp:
+        source = archive.extractfile(_TOTALSEG_CLASSES).read().decode()
+        class_maps = _class_maps(source)
+
+        def read(name: str) -> sitk.Image:
+            path = Path(tmp) / name
+            path.write_bytes(archive.extractfile(_TOTALSEG_FILES + name).read())
+            return sitk.ReadImage(str(path))
+
+        for name, modality, image_file, label_file, task in (
+            ("TotalSegmentator CT", "ct", "example_ct_sm.nii.gz", "example_seg.nii.gz", "total"),
+            ("TotalSegmentator MR", "mr", "example_mr_sm.nii.gz", "example_seg_mr.nii.gz", "total_mr"),
+        ):
+            image, labels = read(image_file), read(label_file)
+            values = {n: v for v, n in class_maps[task].items()}
+            out.append(
+                HeldOutVolume(
+                    name,
+                    sitk.GetArrayFromImage(image).astype(np.float32),
+                    tuple(reversed(image.GetSpacing())),
+                    modality,
+                    sitk.GetArrayFromImage(labels),
+                    {s: values[s] for s in STRUCTURES[name]},
+                )
+            )
+    return out
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
+def _class_maps(source: str) -> dict[str, dict[int, str]]:
+    """TotalSegmentator's ``class_map`` literal (label value -> name per task), read without running it."""
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "class_map":
+            return ast.literal_eval(node.value)
+    raise ValueError("TotalSegmentator's class_map was not found in map_to_binary.py")
 
 
-@torch.inference_mode()
-def track_with_memory(
-    model: SAM2Model, features: torch.Tensor, targets: np.ndarray, start: int, memory: MemoryOptions
-) -> np.ndarray:
-    """Masks ``[Z, S, S]`` from a mask prompt on ``start``, tracked to both ends with ``memory``."""
-    result = np.zeros(targets.shape, bool)
-    for order in (list(range(start, len(features))), list(range(start, -1, -1))):
-        sequence = Sequence(
-            source="ctchest4",
-            axis=0,
-            positions=order,
-            features=features[order],
-            masks=torch.from_numpy(targets[order])[None],
-            prompt="mask",
-            points=None,
-            labels=None,
-            corrections=[],
-        )
-        _, logits = run_sequence(model, sequence, None, memory=memory)
-        for z, lr in zip(order, logits):
-            result[z] = (model.upsample_logits(lr)[0, 0] > 0).cpu().numpy()
-    return result
+# ------------------------------------------------------------------ no-memory slice-by-slice methods
 
 
-@torch.inference_mode()
-def track_with_boxes(model: SAM2Model, features: torch.Tensor, targets: np.ndarray, start: int) -> np.ndarray:
-    """LiteMedSAM slice by slice: each slice gets the box of its neighbour's prediction, no memory."""
-    result = np.zeros(targets.shape, bool)
-    result[start] = targets[start]
+class AxialSlices:
+    """LiteMedSAM on the axial slices of prepared intensities ``[Z, Y, X]``, features encoded once."""
+
+    def __init__(self, model: SAM2Model, intensities: np.ndarray) -> None:
+        self.model = model
+        self.stack = FrameStack(intensities, model.config)
+        self._features: dict[int, ImageFeatures] = {}
+
+    @torch.inference_mode()
+    def box_logits(self, z: int, box_model: torch.Tensor) -> torch.Tensor:
+        """The decoder's logits ``[1, 1, 4h, 4w]`` for a box ``[1, 2, 2]`` in model pixels, without memory and
+        without the object-score gate (LiteMedSAM's own answer)."""
+        if z not in self._features:
+            self._features[z] = self.model.encode_image(self.stack.model_input(z, self.model.device))
+        labels = torch.tensor([[2, 3]], dtype=torch.int32, device=self.model.device)
+        prediction = self.model.predict(self._features[z], None, points=(box_model, labels))
+        return prediction.candidate_logits[:, :1]
+
+    def to_frame(self, logits: torch.Tensor) -> np.ndarray:
+        return (self.stack.logits_to_frame(logits)[0] > 0).cpu().numpy()
+
+    def box_to_model(self, box: tuple[float, float, float, float]) -> torch.Tensor:
+        corners = self.stack.to_model_coords(np.asarray(box, dtype=np.float64).reshape(2, 2))
+        return torch.tensor(corners[None], dtype=torch.float32, device=self.model.device)
+
+
+def previous_box_chain(slices: AxialSlices, start: int, box: tuple[int, int, int, int]) -> np.ndarray:
+    """Method (iv): from the prompted slice outwards, each slice gets the previous slice's grown box."""
+    shape = (len(slices.stack), slices.stack.height, slices.stack.width)
+    result = np.zeros(shape, bool)
+    first = slices.box_logits(start, slices.box_to_model(box))
+    result[start] = slices.to_frame(first)
     for step in (1, -1):
-        previous = targets[start]
-        z = start + step
-        while 0 <= z < len(features) and previous.any():
-            rows, cols = np.nonzero(previous)
-            box = torch.tensor([[[cols.min(), rows.min()], [cols.max() + 1.0, rows.max() + 1.0]]])
-            mask = litemedsam_box_mask(model, features[z : z + 1].to(model.device), box.to(model.device))
-            result[z] = previous = mask
+        previous, z = first, start + step
+        while 0 <= z < shape[0]:
+            grown = slices.model.tracking_prompt(previous)
+            if grown is None:
+                break
+            previous = slices.box_logits(z, grown[0])
+            result[z] = slices.to_frame(previous)
             z += step
     return result
 
 
-def litemedsam_box_mask(model: SAM2Model, embedding: torch.Tensor, box: torch.Tensor) -> np.ndarray:
-    """LiteMedSAM's own answer: its prompt encoder and decoder on the raw embedding ``[1, C, h, w]`` with a
-    box ``[1, 2, 2]`` (two tokens, single mask output, no object score), upsampled to ``[S, S]``."""
-    sparse, dense = model.sam_prompt_encoder(points=None, boxes=box.reshape(1, 4), masks=None)
-    masks, _, _, _ = model.sam_mask_decoder(
-        image_embeddings=embedding,
-        image_pe=model.sam_prompt_encoder.get_dense_pe(),
-        sparse_prompt_embeddings=sparse,
-        dense_prompt_embeddings=dense,
-        multimask_output=False,
-        repeat_image=False,
-        high_res_features=None,
-    )
-    return (model.upsample_logits(masks[:, :1].float())[0, 0] > 0).cpu().numpy()
+def reference_box_every_slice(slices: AxialSlices, reference: np.ndarray) -> np.ndarray:
+    """Method (v): the reference's box on every slice where the structure is present."""
+    result = np.zeros(reference.shape, bool)
+    for z in np.nonzero(reference.any(axis=(1, 2)))[0]:
+        rows, cols = np.nonzero(reference[z])
+        box = (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1)
+        result[z] = slices.to_frame(slices.box_logits(int(z), slices.box_to_model(box)))
+    return result
 
 
-def evaluate(
-    model: SAM2Model, organs: tuple[str, ...] = ORGANS, features_path: Path | None = None
-) -> dict[str, dict[str, float]]:
-    """3D Dice per organ: ``{"organ": {"recent": d, "self-sorting": d, "boxes (no memory)": d}}``.
+# ------------------------------------------------------------------ the evaluation
 
-    ``features_path``: a ``.pt`` file caching the frozen encoder's features of CTChest4 between runs.
-    """
-    volume, labels, values = load_ctchest4()
-    if features_path is not None and Path(features_path).is_file():
-        features = torch.load(features_path, weights_only=True)
-    else:
-        features = encode_axial(model, volume)
-        if features_path is not None:
-            torch.save(features, features_path)
-    size = model.image_size
-    results = {}
-    for organ in organs:
-        targets = np.stack(
-            [object_masks(lite_labels(labels[z], size), [values[organ]])[0] for z in range(len(volume))]
-        )
-        start = int(np.argmax(targets.reshape(len(targets), -1).sum(1)))
-        row = {}
-        for policy in ("recent", "self-sorting"):
-            masks = track_with_memory(model, features, targets, start, MemoryOptions(policy=policy))
-            row[policy] = dice(masks, targets)
-        row["boxes (no memory)"] = dice(track_with_boxes(model, features, targets, start), targets)
-        results[organ] = row
+
+@contextlib.contextmanager
+def shared_encoder(model: SAM2Model) -> Iterator[dict]:
+    """Within the block the model encodes each distinct input image once (methods (i)-(iii) visit the same
+    slices); yields the statistics ``{"encoded": n, "reused": n}``."""
+    cache: dict[str, ImageFeatures] = {}
+    stats = {"encoded": 0, "reused": 0}
+    encode = model.encode_image
+
+    def cached(images: torch.Tensor) -> ImageFeatures:
+        key = hashlib.sha1(images.detach().cpu().numpy().tobytes()).hexdigest() + str(tuple(images.shape))
+        if key in cache:
+            stats["reused"] += 1
+        else:
+            stats["encoded"] += 1
+            cache[key] = encode(images)
+        return cache[key]
+
+    model.encode_image = cached
+    try:
+        yield stats
+    finally:
+        del model.encode_image
+
+
+def evaluate_volume(
+    model: SAM2Model, volume: HeldOutVolume, baseline: SAM2Model | None = None, log=print
+) -> dict:
+    """Dice / HD95 per structure and method, and seconds per method, for one held-out volume.
+
+    ``baseline``: the model of the no-memory methods (iv) and (v) (default: ``model``)."""
+    names = list(volume.structures)
+    prompts, references = [], {}
+    for obj_id, name in enumerate(names, start=1):
+        references[name] = volume.mask(name)
+        index, box = box_on_largest_slice(references[name])
+        prompts.append(Prompt(axis=0, index=index, obj_id=obj_id, box=box))
+    intensities = prepare_intensities(volume.image, modality=volume.modality)
+    masks: dict[str, dict[str, np.ndarray]] = {}
+    seconds: dict[str, float] = {}
+    runs = {
+        METHODS[0]: dict(orientations=6, memory=MemoryOptions(policy="self-sorting")),
+        METHODS[1]: dict(orientations=6, memory=MemoryOptions(policy="recent")),
+        METHODS[2]: dict(orientations=2, memory=MemoryOptions(policy="self-sorting")),
+    }
+    with shared_encoder(model) as encoder_stats:
+        for method, options in runs.items():
+            started = time.perf_counter()
+            result = segment_volume(
+                model, volume.image, prompts, spacing=volume.spacing, modality=volume.modality, **options
+            )
+            seconds[method] = time.perf_counter() - started
+            masks[method] = {n: result.probabilities[i] > 0.5 for i, n in enumerate(names, start=1)}
+            log(f"  {volume.name}: {method} in {seconds[method]:.0f} s")
+    slices = AxialSlices(baseline or model, intensities)
+    for method, run in (
+        (METHODS[3], lambda p, n: previous_box_chain(slices, p.index, tuple(p.box))),
+        (METHODS[4], lambda p, n: reference_box_every_slice(slices, references[n])),
+    ):
+        started = time.perf_counter()
+        masks[method] = {n: run(p, n) for p, n in zip(prompts, names)}
+        seconds[method] = time.perf_counter() - started
+        log(f"  {volume.name}: {method} in {seconds[method]:.0f} s")
+    scores = {
+        name: {
+            method: {
+                "dice": round(metrics.dice(masks[method][name], references[name]), 4),
+                "hd95_mm": round(metrics.hd95(masks[method][name], references[name], volume.spacing), 2),
+                "volume_ratio": round(float(masks[method][name].sum() / max(references[name].sum(), 1)), 3),
+            }
+            for method in METHODS
+        }
+        for name in names
+    }
+    return {
+        "shape": list(volume.image.shape),
+        "spacing_mm": list(volume.spacing),
+        "scores": scores,
+        "seconds": {m: round(s, 1) for m, s in seconds.items()},
+        "encoder": dict(encoder_stats),
+    }
+
+
+def one_prompt_2d(
+    model: SAM2Model,
+    volumes: list[HeldOutVolume],
+    baseline: SAM2Model | None = None,
+    images_per_volume: int = 4,
+) -> dict:
+    """The 2D one-prompt setting between the TotalSegmentator CT (template) and MR volumes."""
+    by_name = {v.name: v for v in volumes}
+    if not {"TotalSegmentator CT", "TotalSegmentator MR"} <= set(by_name):
+        return {}
+    ct, mr = by_name["TotalSegmentator CT"], by_name["TotalSegmentator MR"]
+    ct_int, mr_int = (prepare_intensities(v.image, modality=v.modality) for v in (ct, mr))
+    out = {}
+    for name in sorted(set(ct.structures) & set(mr.structures)):
+        ct_mask, mr_mask = ct.mask(name), mr.mask(name)
+        template, box = box_on_largest_slice(ct_mask)
+        images, truths, sources = [ct_int[template]], [ct_mask[template]], ["CT template"]
+        for source, intensities, mask in (("CT", ct_int, ct_mask), ("MR", mr_int, mr_mask)):
+            present = np.nonzero(mask.any(axis=(1, 2)))[0]
+            picks = np.unique(
+                present[np.linspace(0, len(present) - 1, images_per_volume + 2)[1:-1].astype(int)]
+            )
+            for z in picks:
+                if source == "CT" and z == template:
+                    continue
+                images.append(intensities[z])
+                truths.append(mask[z])
+                sources.append(source)
+        predicted = segment_images(model, images, box=box)
+        transferred = [
+            _template_box_answer(baseline or model, image, box, ct_int.shape[1:]) for image in images[1:]
+        ]
+        rows = []
+        for i in range(1, len(images)):
+            rows.append(
+                {
+                    "source": sources[i],
+                    "one_prompt_dice": round(metrics.dice(predicted[i], truths[i]), 4),
+                    "template_box_dice": round(metrics.dice(transferred[i - 1], truths[i]), 4),
+                }
+            )
+        out[name] = rows
+    return out
+
+
+def _template_box_answer(
+    model: SAM2Model, image: np.ndarray, box: tuple[int, ...], template_shape: tuple[int, int]
+) -> np.ndarray:
+    """LiteMedSAM on ``image`` with the template's box scaled to the image's size (no memory)."""
+    sy, sx = image.shape[0] / template_shape[0], image.shape[1] / template_shape[1]
+    scaled = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+    slices = AxialSlices(model, image[None])
+    return slices.to_frame(slices.box_logits(0, slices.box_to_model(scaled)))
+
+
+def summarize(results: dict) -> dict:
+    """Mean Dice per method over every structure of every volume, and (i) minus (iv) per structure."""
+    rows = [s for v in results["volumes"].values() for s in v["scores"].values()]
+    mean = {m: round(float(np.mean([r[m]["dice"] for r in rows])), 4) for m in METHODS}
+    gain = {
+        f"{volume}: {name}": round(s[METHODS[0]]["dice"] - s[METHODS[3]]["dice"], 4)
+        for volume, v in results["volumes"].items()
+        for name, s in v["scores"].items()
+    }
+    return {"mean_dice": mean, "i_minus_iv": gain, "i_loses_on": [k for k, d in gain.items() if d < 0]}
+
+
+def evaluate(model: SAM2Model, baseline: SAM2Model, data_dir: Path, log=print) -> dict:
+    """The whole held-out evaluation of ``model``, with ``baseline`` (LiteMedSAM) for the no-memory methods."""
+    volumes = held_out_volumes(data_dir)
+    results = {"volumes": {}}
+    for volume in volumes:
+        log(f"{volume.name} {volume.image.shape}: {', '.join(volume.structures)}")
+        results["volumes"][volume.name] = evaluate_volume(model, volume, baseline, log)
+    results["summary"] = summarize(results)
+    started = time.perf_counter()
+    results["one_prompt_2d"] = one_prompt_2d(model, volumes, baseline)
+    results["one_prompt_2d_seconds"] = round(time.perf_counter() - started, 1)
     return results
+
+
+def markdown(results: dict) -> str:
+    """The per-structure Dice / HD95 table, the means and timings, and the 2D one-prompt table."""
+    short = [m.split(")")[0] + ")" for m in METHODS]
+    lines = ["| volume | structure | " + " | ".join(short) + " |", "|---|---|" + "---|" * len(METHODS)]
+    for volume, v in results["volumes"].items():
+        for name, s in v["scores"].items():
+            cells = [f"{s[m]['dice']:.3f} / {s[m]['hd95_mm']:.1f}" for m in METHODS]
+            lines.append(f"| {volume} | {name} | " + " | ".join(cells) + " |")
+    mean = results["summary"]["mean_dice"]
+    lines.append("| **mean Dice** | | " + " | ".join(f"**{mean[m]:.3f}**" for m in METHODS) + " |")
+    lines += ["", "Seconds per volume (all its structures together):", ""]
+    lines += ["| volume | " + " | ".join(short) + " |", "|---|" + "---|" * len(METHODS)]
+    for volume, v in results["volumes"].items():
+        lines.append(f"| {volume} | " + " | ".join(f"{v['seconds'][m]:.0f}" for m in METHODS) + " |")
+    if results.get("one_prompt_2d"):
+        lines += ["", "| structure | image from | one-prompt Dice (memory) | template box, no memory |"]
+        lines.append("|---|---|---|---|")
+        for name, rows in results["one_prompt_2d"].items():
+            for source in ("CT", "MR"):
+                mine = [r for r in rows if r["source"] == source]
+                if mine:
+                    a = np.mean([r["one_prompt_dice"] for r in mine])
+                    b = np.mean([r["template_box_dice"] for r in mine])
+                    lines.append(f"| {name} | {source} ({len(mine)} slices) | {a:.3f} | {b:.3f} |")
+    return "\n".join(lines) + "\n"

@@ -35,7 +35,8 @@ class SamplerOptions:
 class Sequence:
     """``features`` ``[T, C, h, w]``; ``masks`` ``[B, T, S, S]`` bool; ``prompt`` one of ``PROMPT_KINDS``;
     ``points`` ``[B, N, 2]`` and ``labels`` ``[B, N]`` of a click/box prompt (model pixels);
-    ``corrections``: frames (> 0) that get a corrective click."""
+    ``corrections``: frames (> 0) that get a corrective click; ``consecutive``: neighbouring slices (False
+    for the shuffled one-prompt sequences)."""
 
     source: str
     axis: int
@@ -46,6 +47,7 @@ class Sequence:
     points: torch.Tensor | None
     labels: torch.Tensor | None
     corrections: list[int]
+    consecutive: bool = True
 
 
 class SequenceSampler:
@@ -119,6 +121,7 @@ class SequenceSampler:
             points=points,
             labels=labels,
             corrections=[int(c) for c in corrections],
+            consecutive=not shuffled,
         )
 
     def _slices_with(

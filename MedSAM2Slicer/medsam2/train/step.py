@@ -8,8 +8,13 @@ only difference is that the objects of a sequence are batched, and gradients flo
 
 Losses per prediction (SAM 2's, weights 20 : 1 : 1 : 1): focal and dice on the mask candidate with the
 smallest mask loss, MSE of every candidate's predicted IoU against its actual IoU, and binary cross-entropy
-of the object score against presence. Mask and IoU terms count only objects that are present in the target
-and predicted present (an absent prediction is the constant no-object fill, which has no gradient).
+of the object score against presence. Mask and IoU terms count the objects present in the target, on the
+decoder's masks before the no-object fill: the object-score head is new, and while it still calls a present
+object absent the masks must go on learning (SAM 2 trains from a pretrained head and counts only objects
+predicted present).
+
+A model with a ``tracking_box_margin`` gets, on every tracked frame, the box of the previous frame's
+prediction (consecutive slices) or of the prompted first frame's (shuffled slices), as the session gives it.
 """
 
 from __future__ import annotations
@@ -89,7 +94,7 @@ def prediction_losses(prediction: MaskPrediction, target: torch.Tensor) -> dict[
     iou = ((prediction.candidate_ious.float() - actual_iou) ** 2).mean(-1)  # [B]
     best = torch.argmin(FOCAL_WEIGHT * focal + DICE_WEIGHT * dice, dim=1)
     rows = torch.arange(len(best), device=best.device)
-    counted = present * (score > 0).float()
+    counted = present
     denom = counted.sum().clamp_min(1)
     return {
         "focal": (focal[rows, best] * counted).sum() / denom,
@@ -165,7 +170,8 @@ def run_sequence(
     for t in range(1, frames):
         features_t = frame_features(t)
         context = policy.context(track, t, False, frames, descriptors[t])
-        prediction = model.predict(features_t, context)
+        box = model.tracking_prompt((outputs[-1] if sequence.consecutive else outputs[0]).detach())
+        prediction = model.predict(features_t, context, points=box)
         totals.add(prediction_losses(prediction, masks[:, t]))
         corrected = sampler is not None and t in sequence.corrections
         if corrected:

@@ -1,0 +1,144 @@
+"""The held-out evaluation of medsam2-lite (``medsam2.train.evaluate``) on generated data and a tiny model.
+
+The tiny random-weight SAM 2.1 model of the golden files gets a tracking box margin, as medsam2-lite has;
+the evaluation's plumbing (methods (i)-(v), the tables, the TotalSegmentator reader) is what is checked here.
+The real figures come from ``medsam2 train evaluate`` and are recorded in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from golden import golden_model
+
+from medsam2.preprocess import prepare_intensities
+from medsam2.train import evaluate as ev
+
+Z, Y, X = 8, 24, 32
+
+
+@pytest.fixture(scope="module")
+def model():
+    model = golden_model(presence_shift=5.0)
+    model.config = model.config.replace(tracking_box_margin=0.05)
+    return model
+
+
+@pytest.fixture(scope="module")
+def volume() -> ev.HeldOutVolume:
+    z, y, x = np.mgrid[:Z, :Y, :X]
+    organ = ((z - 4) / 3.5) ** 2 + ((y - 12) / 7) ** 2 + ((x - 15) / 9) ** 2 < 1
+    image = np.where(organ, 60.0, -100.0) + np.random.default_rng(0).normal(0, 10, organ.shape)
+    labels = organ.astype(np.uint8) * 3
+    return ev.HeldOutVolume(
+        "generated", image.astype(np.float32), (2.0, 1.0, 1.0), "ct", labels, {"organ": 3}
+    )
+
+
+def test_previous_box_chain_starts_on_the_prompt_and_stops_at_the_first_empty_slice(model, volume):
+    slices = ev.AxialSlices(model, prepare_intensities(volume.image, modality="ct"))
+    start, box = ev.box_on_largest_slice(volume.mask("organ"))
+    result = ev.previous_box_chain(slices, start, box)
+    assert result.shape == (Z, Y, X)
+    filled = result.any(axis=(1, 2))
+    for direction in (range(start + 1, Z), range(start - 1, -1, -1)):
+        seen_empty = False
+        for z in direction:
+            assert not (seen_empty and filled[z]), f"slice {z} was segmented after the chain stopped"
+            seen_empty |= not filled[z]
+
+
+def test_reference_boxes_touch_only_slices_where_the_structure_is(model, volume):
+    slices = ev.AxialSlices(model, prepare_intensities(volume.image, modality="ct"))
+    reference = volume.mask("organ")
+    reference[0] = reference[-1] = False
+    result = ev.reference_box_every_slice(slices, reference)
+    assert not result[0].any() and not result[-1].any()
+
+
+def test_shared_encoder_encodes_each_image_once_and_restores_the_model(model):
+    images = torch.rand(1, 3, model.image_size, model.image_size)
+    direct = model.encode_image(images).embedding
+    with ev.shared_encoder(model) as stats:
+        first = model.encode_image(images).embedding
+        again = model.encode_image(images.clone()).embedding
+        model.encode_image(torch.rand_like(images))
+    assert stats == {"encoded": 2, "reused": 1}
+    torch.testing.assert_close(first, direct)
+    assert again is first
+    assert "encode_image" not in vars(model)
+
+
+def test_evaluate_volume_scores_every_method_and_structure(model, volume):
+    result = ev.evaluate_volume(model, volume, log=lambda message: None)
+    scores = result["scores"]["organ"]
+    assert list(scores) == list(ev.METHODS)
+    for method, s in scores.items():
+        assert 0.0 <= s["dice"] <= 1.0, method
+        assert s["hd95_mm"] >= 0 or math.isinf(s["hd95_mm"]), method
+    assert set(result["seconds"]) == set(ev.METHODS)
+    assert result["encoder"]["reused"] > 0  # (ii) and (iii) visit slices that (i) encoded
+
+
+def test_summary_names_the_structures_where_memory_loses():
+    def scores(i, iv):
+        return {m: {"dice": d, "hd95_mm": 1.0} for m, d in zip(ev.METHODS, (i, 0.5, 0.5, iv, 0.9))}
+
+    results = {
+        "volumes": {
+            "A": {"scores": {"liver": scores(0.8, 0.7), "spleen": scores(0.4, 0.6)}, "seconds": {}},
+        }
+    }
+    summary = ev.summarize(results)
+    assert summary["mean_dice"][ev.METHODS[0]] == pytest.approx(0.6)
+    assert summary["i_minus_iv"] == {"A: liver": pytest.approx(0.1), "A: spleen": pytest.approx(-0.2)}
+    assert summary["i_loses_on"] == ["A: spleen"]
+    results["volumes"]["A"]["seconds"] = {m: 1.0 for m in ev.METHODS}
+    results["summary"] = summary
+    table = ev.markdown(results)
+    assert "| A | spleen | 0.400 / 1.0 |" in table and "**0.600**" in table
+
+
+def _nifti_bytes(array: np.ndarray, folder: Path) -> bytes:
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((3.0, 3.0, 3.0))
+    sitk.WriteImage(image, str(folder / "written.nii.gz"))
+    return (folder / "written.nii.gz").read_bytes()
+
+
+def test_totalsegmentator_volumes_are_read_from_the_sdist_with_their_class_names(tmp_path, monkeypatch):
+    monkeypatch.setitem(ev.STRUCTURES, "TotalSegmentator CT", ("liver",))
+    monkeypatch.setitem(ev.STRUCTURES, "TotalSegmentator MR", ("spleen",))
+    labels = np.zeros((4, 5, 6), np.uint8)
+    labels[1:3, 1:4, 2:5] = 5
+    labels[0, 0, 0] = 1
+    members = {
+        ev._TOTALSEG_CLASSES: b"x = 1\nclass_map = {'total': {1: 'spleen', 5: 'liver'}, "
+        b"'total_mr': {1: 'spleen', 5: 'liver'}}\n",
+        ev._TOTALSEG_FILES + "example_ct_sm.nii.gz": _nifti_bytes(
+            np.arange(120, dtype=np.int16).reshape(4, 5, 6), tmp_path
+        ),
+        ev._TOTALSEG_FILES + "example_seg.nii.gz": _nifti_bytes(labels, tmp_path),
+        ev._TOTALSEG_FILES + "example_mr_sm.nii.gz": _nifti_bytes(np.ones((4, 5, 6), np.int16), tmp_path),
+        ev._TOTALSEG_FILES + "example_seg_mr.nii.gz": _nifti_bytes(labels, tmp_path),
+    }
+    with tarfile.open(tmp_path / ev.TOTALSEG_SDIST, "w:gz") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    ct, mr = ev._totalsegmentator(tmp_path / ev.TOTALSEG_SDIST)
+    assert ct.structures == {"liver": 5} and mr.structures == {"spleen": 1}
+    assert ct.mask("liver").sum() == 2 * 3 * 3 and mr.mask("spleen").sum() == 1
+    assert ct.image.shape == (4, 5, 6) and ct.spacing == (3.0, 3.0, 3.0) and ct.modality == "ct"
+    assert [v.name for v in ev.held_out_volumes(tmp_path)][1:] == [
+        "TotalSegmentator CT",
+        "TotalSegmentator MR",
+    ]

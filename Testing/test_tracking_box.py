@@ -1,0 +1,123 @@
+"""Tracking with the previous slice's box (``ModelConfig.tracking_box_margin``, the medsam2-lite layout).
+
+The box comes from the neighbour just processed (the previous frame going forward, the next one in reverse),
+is grown by the margin and clipped; unrelated images (``Session(consecutive=False)``) get the box of the
+nearest prompted frame; models without a margin track from memory alone. Runs the tiny random-weight SAM 2.1 model of the golden files.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from golden import golden_model
+
+import medsam2
+
+T, H, W = 6, 24, 32
+
+
+@pytest.fixture()
+def box_model() -> medsam2.SAM2Model:
+    model = golden_model(presence_shift=5.0)
+    model.config = model.config.replace(tracking_box_margin=0.1)
+    return model
+
+
+def _logits(rects: list[tuple[int, int, int, int]], size: int) -> torch.Tensor:
+    """``[B, 1, size, size]`` logits, +5 inside ``(y0, x0, y1, x1)`` and -5 elsewhere, one rect per row."""
+    out = torch.full((len(rects), 1, size, size), -5.0)
+    for i, (y0, x0, y1, x1) in enumerate(rects):
+        out[i, 0, y0:y1, x0:x1] = 5.0
+    return out
+
+
+def test_box_is_the_mask_extent_grown_by_the_margin_and_clipped(box_model):
+    s = box_model.image_size
+    low = s // 4  # logits at a quarter of the input size: coordinates scale by 4
+    points, labels = box_model.tracking_prompt(_logits([(2, 3, 6, 13), (0, 0, low, 2)], low))
+    # Object 0: rows 2..5, cols 3..12 -> input pixels x 12..52, y 8..24; longer side 40 -> grown by 4.
+    torch.testing.assert_close(points[0], torch.tensor([[8.0, 4.0], [56.0, 28.0]]))
+    # Object 1 touches the image border and is clipped there; a narrow mask still grows by the side rule.
+    grow = 0.1 * s
+    torch.testing.assert_close(points[1], torch.tensor([[0.0, 0.0], [8.0 + grow, float(s)]]))
+    assert labels.tolist() == [[2, 3], [2, 3]]
+
+
+def test_small_masks_grow_by_at_least_two_pixels(box_model):
+    s = box_model.image_size
+    points, _ = box_model.tracking_prompt(_logits([(10, 10, 11, 11)], s))
+    torch.testing.assert_close(points[0], torch.tensor([[8.0, 8.0], [13.0, 13.0]]))
+
+
+def test_no_box_without_margin_previous_frame_or_object(box_model):
+    s = box_model.image_size
+    assert box_model.tracking_prompt(None) is None
+    assert box_model.tracking_prompt(torch.full((1, 1, s, s), -5.0)) is None
+    # One object of the batch has left: the batch is tracked from memory alone.
+    assert box_model.tracking_prompt(torch.cat([_logits([(1, 1, 5, 5)], s), -torch.ones(1, 1, s, s)])) is None
+    box_model.config = box_model.config.replace(tracking_box_margin=None)
+    assert box_model.tracking_prompt(_logits([(1, 1, 5, 5)], s)) is None
+
+
+def _recorded_prompts(model: medsam2.SAM2Model) -> list:
+    """Make ``model.predict`` record the ``points`` of every tracked-frame call (the call still runs)."""
+    calls = []
+    predict = model.predict
+
+    def recording(features, context, points=None, mask=None, previous_logits=None):
+        if context is not None and context.frames and mask is None and previous_logits is None:
+            calls.append(points)
+        return predict(features, context, points=points, mask=mask, previous_logits=previous_logits)
+
+    model.predict = recording
+    return calls
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_session_prompts_each_tracked_frame_with_its_neighbours_box(box_model, reverse):
+    frames = np.random.default_rng(0).random((T, H, W)).astype(np.float32)
+    start = T - 1 if reverse else 0
+    session = medsam2.Session(box_model, frames)
+    mask = np.zeros((H, W), bool)
+    mask[6:14, 8:20] = True
+    session.add_prompt(start, mask=mask)
+    calls = _recorded_prompts(box_model)
+    results = dict(session.propagate(start=start, reverse=reverse))
+    assert len(calls) == T - 1
+    track = session.tracks[1]
+    order = list(range(start, -1, -1)) if reverse else list(range(T))
+    for t, points in zip(order[1:], calls):
+        neighbour = (
+            track.conditioning.get(t + (1 if reverse else -1)) or track.tracked[t + (1 if reverse else -1)]
+        )
+        expected = box_model.tracking_prompt(neighbour.low_res_logits)
+        if expected is None:
+            assert points is None
+        else:
+            torch.testing.assert_close(points[0], expected[0])
+    # The first tracked frame's box is the prompt mask's, mapped to input pixels and grown.
+    first = calls[0][0][0]
+    scale = box_model.image_size / np.array([W, H])
+    assert first[0, 0] < 8 * scale[0] and first[1, 0] > 20 * scale[0] - 1
+    assert sorted(results) == sorted(order)
+
+
+def test_unrelated_images_get_the_box_of_the_nearest_prompted_frame(box_model):
+    frames = np.random.default_rng(0).random((T, H, W)).astype(np.float32)
+    session = medsam2.Session(box_model, frames, consecutive=False)
+    mask = np.zeros((H, W), bool)
+    mask[6:14, 8:20] = True
+    session.add_prompt(0, mask=mask)
+    corner = np.zeros((H, W), bool)
+    corner[:5, :6] = True
+    session.add_prompt(T - 1, mask=corner)
+    calls = _recorded_prompts(box_model)
+    list(session.propagate())
+    track = session.tracks[1]
+    assert len(calls) == T - 2
+    for t, points in zip(range(1, T - 1), calls):
+        nearest = 0 if t < (T - 1) / 2 else T - 1
+        torch.testing.assert_close(
+            points[0], box_model.tracking_prompt(track.conditioning[nearest].low_res_logits)[0]
+        )
