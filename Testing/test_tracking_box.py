@@ -2,7 +2,8 @@
 
 The box comes from the neighbour just processed (the previous frame going forward, the next one in reverse),
 is grown by the margin and clipped; unrelated images (``Session(consecutive=False)``) get the box of the
-nearest prompted frame; models without a margin track from memory alone. Runs the tiny random-weight SAM 2.1 model of the golden files.
+nearest prompted frame; models without a margin track from memory alone. Runs the tiny random-weight SAM 2.1
+model of the golden files.
 """
 
 from __future__ import annotations

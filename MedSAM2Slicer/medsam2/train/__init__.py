@@ -158,16 +158,9 @@ def _means(records: list[dict]) -> dict[str, float]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from ..checkpoint import read_state_dict
-    from ..lite import assemble_state_dict, litemedsam_model
-    from ..model.build import build_model
     from .evaluate import evaluate, markdown
 
-    config = ModelConfig.preset("medsam2_lite")
-    model = build_model(config)
-    state = assemble_state_dict(read_state_dict(args.weights), args.litemedsam)
-    model.load_state_dict(state, strict=True)
-    results = evaluate(model.eval(), litemedsam_model(args.litemedsam), args.data_dir)
+    results = evaluate(args.weights, args.data_dir, args.litemedsam, jobs=args.jobs)
     results["weights"] = str(args.weights)
     table = markdown(results)
     print(table)
@@ -225,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir", type=Path, default=cache_dir(), help="folder with the TotalSegmentator sdist"
     )
     p.add_argument("--out", default=None, help="JSON results (a Markdown table is written next to it)")
+    p.add_argument("--jobs", type=int, default=1, help="volumes evaluated in parallel, one thread each")
     p.set_defaults(func=cmd_evaluate)
     return parser
 

@@ -363,17 +363,60 @@ def summarize(results: dict) -> dict:
     return {"mean_dice": mean, "i_minus_iv": gain, "i_loses_on": [k for k, d in gain.items() if d < 0]}
 
 
-def evaluate(model: SAM2Model, baseline: SAM2Model, data_dir: Path, log=print) -> dict:
-    """The whole held-out evaluation of ``model``, with ``baseline`` (LiteMedSAM) for the no-memory methods."""
+ONE_PROMPT_JOB = "2D one-prompt"
+
+
+def load_models(weights: Path, litemedsam: str | Path | None = None) -> tuple[SAM2Model, SAM2Model]:
+    """``medsam2-lite`` with the trained ``weights``, and LiteMedSAM alone (the no-memory baseline)."""
+    from ..checkpoint import read_state_dict
+    from ..configs import ModelConfig
+    from ..lite import PRESET, assemble_state_dict, litemedsam_model
+    from ..model.build import build_model
+
+    model = build_model(ModelConfig.preset(PRESET))
+    model.load_state_dict(assemble_state_dict(read_state_dict(weights), litemedsam), strict=True)
+    return model.eval(), litemedsam_model(litemedsam)
+
+
+def _run_job(job: str, weights: Path, litemedsam: str | Path | None, data_dir: Path, threads: int) -> dict:
+    """One volume's evaluation, or the 2D one-prompt setting (a worker process's whole task)."""
+    torch.set_num_threads(threads)
+    model, baseline = load_models(weights, litemedsam)
     volumes = held_out_volumes(data_dir)
-    results = {"volumes": {}}
-    for volume in volumes:
-        log(f"{volume.name} {volume.image.shape}: {', '.join(volume.structures)}")
-        results["volumes"][volume.name] = evaluate_volume(model, volume, baseline, log)
+    if job == ONE_PROMPT_JOB:
+        started = time.perf_counter()
+        return {"rows": one_prompt_2d(model, volumes, baseline), "seconds": time.perf_counter() - started}
+    volume = next(v for v in volumes if v.name == job)
+    return evaluate_volume(model, volume, baseline, log=lambda message: None)
+
+
+def evaluate(
+    weights: Path, data_dir: Path, litemedsam: str | Path | None = None, jobs: int = 1, log=print
+) -> dict:
+    """The whole held-out evaluation of the trained ``weights`` (see the module docstring).
+
+    ``jobs`` > 1 evaluates the volumes (and the 2D setting) in that many processes of one thread each; the
+    seconds per method are then those of a process sharing the machine.
+    """
+    names = [v.name for v in held_out_volumes(data_dir)] + [ONE_PROMPT_JOB]
+    args = (weights, litemedsam, data_dir)
+    if jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {name: pool.submit(_run_job, name, *args, 1) for name in names}
+            done = {name: future.result() for name, future in futures.items()}
+    else:
+        done = {}
+        for name in names:
+            log(f"evaluating {name}")
+            done[name] = _run_job(name, *args, torch.get_num_threads())
+    two_d = done.pop(ONE_PROMPT_JOB)
+    results = {"volumes": done}
     results["summary"] = summarize(results)
-    started = time.perf_counter()
-    results["one_prompt_2d"] = one_prompt_2d(model, volumes, baseline)
-    results["one_prompt_2d_seconds"] = round(time.perf_counter() - started, 1)
+    results["one_prompt_2d"] = two_d["rows"]
+    results["one_prompt_2d_seconds"] = round(two_d["seconds"], 1)
     return results
 
 
