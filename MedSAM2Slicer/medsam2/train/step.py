@@ -94,12 +94,11 @@ def prediction_losses(prediction: MaskPrediction, target: torch.Tensor) -> dict[
     iou = ((prediction.candidate_ious.float() - actual_iou) ** 2).mean(-1)  # [B]
     best = torch.argmin(FOCAL_WEIGHT * focal + DICE_WEIGHT * dice, dim=1)
     rows = torch.arange(len(best), device=best.device)
-    counted = present
-    denom = counted.sum().clamp_min(1)
+    denom = present.sum().clamp_min(1)
     return {
-        "focal": (focal[rows, best] * counted).sum() / denom,
-        "dice": (dice[rows, best] * counted).sum() / denom,
-        "iou": (iou * counted).sum() / denom,
+        "focal": (focal[rows, best] * present).sum() / denom,
+        "dice": (dice[rows, best] * present).sum() / denom,
+        "iou": (iou * present).sum() / denom,
         "presence": presence,
     }
 
