@@ -54,11 +54,15 @@ def test_small_masks_grow_by_at_least_two_pixels(box_model):
 def test_no_box_without_margin_previous_frame_or_object(box_model):
     s = box_model.image_size
     assert box_model.tracking_prompt(None) is None
-    assert box_model.tracking_prompt(torch.full((1, 1, s, s), -5.0)) is None
-    # One object of the batch has left: the batch is tracked from memory alone.
-    assert box_model.tracking_prompt(torch.cat([_logits([(1, 1, 5, 5)], s), -torch.ones(1, 1, s, s)])) is None
+    assert box_model.lost_objects(None) is None
+    # An object whose previous mask is empty is lost; its placeholder box is the whole image.
+    previous = torch.cat([_logits([(1, 1, 5, 5)], s), -torch.ones(1, 1, s, s)])
+    assert box_model.lost_objects(previous).tolist() == [False, True]
+    points, _ = box_model.tracking_prompt(previous)
+    torch.testing.assert_close(points[1], torch.tensor([[0.0, 0.0], [float(s), float(s)]]))
     box_model.config = box_model.config.replace(tracking_box_margin=None)
     assert box_model.tracking_prompt(_logits([(1, 1, 5, 5)], s)) is None
+    assert box_model.lost_objects(previous) is None
 
 
 def _recorded_prompts(model: medsam2.SAM2Model) -> list:
@@ -122,3 +126,43 @@ def test_unrelated_images_get_the_box_of_the_nearest_prompted_frame(box_model):
         torch.testing.assert_close(
             points[0], box_model.tracking_prompt(track.conditioning[nearest].low_res_logits)[0]
         )
+
+
+def test_a_lost_object_stays_absent_without_encoding_its_frames():
+    """Once the previous mask is empty the box model has no box: later frames are neither encoded nor decoded."""
+    model = golden_model(presence_shift=-50.0)  # every tracked frame comes back absent
+    model.config = model.config.replace(tracking_box_margin=0.1)
+    frames = np.random.default_rng(0).random((T, H, W)).astype(np.float32)
+    session = medsam2.Session(model, frames)
+    mask = np.zeros((H, W), bool)
+    mask[6:14, 8:20] = True
+    session.add_prompt(0, mask=mask)
+    calls = _recorded_prompts(model)
+    results = dict(session.propagate())
+    assert len(calls) == 1  # frame 1 is decoded (and found absent); frames 2.. are lost
+    assert session.frames_encoded == 2
+    for t in range(1, T):
+        assert (results[t][1] <= 0).all()
+    track = session.tracks[1]
+    assert all(track.tracked[t].memory is None for t in range(2, T))
+    # SAM 2's recent-frames rule skips the lost frames' missing memories after a correction further on.
+    session.add_prompt(T - 2, mask=mask)
+    results = dict(session.propagate(start=T - 2))
+    assert results[T - 2][1].max() > 0
+
+
+def test_track_replaces_only_the_lost_objects_of_a_batch(box_model):
+    s = box_model.image_size
+    image = torch.rand(1, 3, s, s).expand(2, -1, -1, -1)
+    features = box_model.encode_image(image)
+    previous = torch.cat([_logits([(1, 1, 9, 9)], s // 4), -torch.ones(1, 1, s // 4, s // 4)])
+    with torch.no_grad():
+        tracked = box_model.track(features, None, previous)
+        alone = box_model.predict(
+            box_model.encode_image(image[:1]), None, points=box_model.tracking_prompt(previous[:1])
+        )
+    torch.testing.assert_close(tracked.low_res_logits[:1], alone.low_res_logits, atol=1e-4, rtol=1e-4)
+    assert (tracked.low_res_logits[1] <= -1000).all() and (tracked.candidate_logits[1] <= -1000).all()
+    assert tracked.object_score[1].item() < 0 and tracked.iou[1].item() == 0
+    assert tracked.lost.tolist() == [False, True]
+    torch.testing.assert_close(tracked.obj_ptr[1], box_model.no_obj_ptr[0])

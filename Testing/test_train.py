@@ -120,6 +120,16 @@ def test_sampler_gives_prompted_sequences_with_objects_on_the_first_frame(cache_
     assert kinds == {"mask", "click", "box"}
 
 
+def test_sampler_draws_only_objects_of_the_minimum_size_on_the_first_frame(cache_folder):
+    cache = data.SourceCache(cache_folder, (2, 2, 2), TINY.image_size, FEATURES)
+    sizes = []
+    for minimum in (0, 400):
+        sampler = SequenceSampler([cache], SamplerOptions(frames=4, min_object_px=minimum), seeded_rng(0))
+        drawn = [sampler.sample().masks[:, 0].flatten(1).sum(1) for _ in range(12)]
+        sizes.append(torch.cat(drawn))
+    assert sizes[0].min() < 400 <= sizes[1].min()
+
+
 def test_trainable_parameters_exclude_the_pretrained_parts():
     names = trainable_names(_model(), train_decoder=False)
     assert any(n.startswith("memory_attention.") for n in names)
@@ -181,6 +191,39 @@ def test_mask_terms_count_a_present_object_that_is_predicted_absent():
     assert float(terms["dice"].detach()) > 0.05 and float(terms["presence"].detach()) > 2.5
     (terms["focal"] + terms["dice"]).backward()
     assert raw.grad.abs().sum() > 0
+
+
+def test_objects_lost_by_box_tracking_add_no_loss():
+    target = torch.zeros(2, 16, 16, dtype=torch.bool)
+    target[:, 4:10, 4:10] = True
+    logits = torch.where(target, 2.0, -2.0)[:, None]
+    prediction = medsam2.model.sam2.MaskPrediction(
+        low_res_logits=logits,
+        high_res_logits=logits,
+        iou=torch.ones(2),
+        obj_ptr=torch.zeros(2, 4),
+        object_score=torch.tensor([[3.0], [-10.0]]),
+        candidate_logits=torch.cat([logits[:1], torch.full_like(logits[:1], -1024.0)]),
+        candidate_ious=torch.ones(2, 1),
+        lost=torch.tensor([False, True]),
+    )
+    both = prediction_losses(prediction, target)
+    alone = prediction_losses(
+        medsam2.model.sam2.MaskPrediction(
+            logits[:1],
+            logits[:1],
+            torch.ones(1),
+            torch.zeros(1, 4),
+            torch.tensor([[3.0]]),
+            logits[:1],
+            torch.ones(1, 1),
+        ),
+        target[:1],
+    )
+    for name in both:
+        torch.testing.assert_close(both[name], alone[name])
+    prediction.lost = torch.tensor([True, True])
+    assert prediction_losses(prediction, target) is None
 
 
 def test_fresh_pooled_memory_leaves_the_embedding_exactly_as_it_was():

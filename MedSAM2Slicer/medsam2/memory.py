@@ -134,7 +134,7 @@ class RecentFrames:
         frames = [(rec.memory, prompted_slot) for rec in track.conditioning.values()]
         for distance in range(self.config.num_maskmem - 1, 0, -1):
             rec = track.tracked.get(frame + step * distance)
-            if rec is not None:
+            if rec is not None and rec.memory is not None:  # a lost object's frame has no memory
                 frames.append((rec.memory, distance - 1))
         pointers = _conditioning_pointers(self.config, track, frame, reverse)
         pointer_range = min(num_frames, self.config.max_obj_ptrs_in_encoder) - 1

@@ -224,9 +224,16 @@ class Session:
             yield t, out
 
     def _track_frame(self, track: ObjectTrack, t: int, reverse: bool) -> FrameRecord:
+        previous = self._tracking_neighbour(track, t, reverse)
+        lost = self.model.lost_objects(previous)
+        if lost is not None and bool(lost.all()):
+            # A lost object needs neither the frame's features nor a memory: it stays absent.
+            record = self._record(t, self.model.lost_prediction(1))
+            track.tracked[t] = record
+            return record
         features = self._frame_features(t)
         context = self.policy.context(track, t, reverse, self.num_frames, self._descriptors.get(t))
-        prediction = self.model.predict(features, context, points=self._tracking_prompt(track, t, reverse))
+        prediction = self.model.track(features, context, previous)
         record = self._record(t, prediction)
         record.memory = self._memory(
             features, prediction.high_res_logits, prediction.object_score, binarize=False
@@ -235,18 +242,18 @@ class Session:
         self.policy.observe(track, record)
         return record
 
-    def _tracking_prompt(
-        self, track: ObjectTrack, t: int, reverse: bool
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """For models that track with a box: the box of the neighbour just processed, or for unrelated
-        images the box of the nearest prompted frame."""
+    def _tracking_neighbour(self, track: ObjectTrack, t: int, reverse: bool) -> torch.Tensor | None:
+        """For models that track with a box, the logits its box comes from: the neighbour just processed, or
+        for unrelated images the nearest prompted frame."""
+        if self.model.config.tracking_box_margin is None:
+            return None
         if self.consecutive:
             neighbour = t + 1 if reverse else t - 1
             record = track.conditioning.get(neighbour) or track.tracked.get(neighbour)
         else:
             nearest = min(track.conditioning, key=lambda c: abs(c - t), default=None)
             record = None if nearest is None else track.conditioning[nearest]
-        return self.model.tracking_prompt(None if record is None else record.low_res_logits)
+        return None if record is None else record.low_res_logits
 
     def _commit_prompts(self) -> None:
         """Encode the memory of frames prompted since the last propagation and make them conditioning frames."""

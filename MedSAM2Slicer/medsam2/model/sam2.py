@@ -83,7 +83,8 @@ class MaskPrediction:
     IoU of the chosen mask; ``obj_ptr``: ``[B, C]``; ``object_score``: ``[B, 1]`` logit that the object is
     present. When the decoder ran, ``candidate_logits`` ``[B, M, 4h, 4w]`` and ``candidate_ious`` ``[B, M]``
     hold all its masks (M = 3 for an ambiguous prompt, else 1), before an absent object's no-object fill, so
-    that training can teach the masks while the object score is still wrong.
+    that training can teach the masks while the object score is still wrong. ``lost``: ``[B]`` True for the
+    objects a box-tracking model had lost, for which nothing was decoded (``None``: none).
     """
 
     low_res_logits: torch.Tensor
@@ -93,6 +94,7 @@ class MaskPrediction:
     object_score: torch.Tensor
     candidate_logits: torch.Tensor | None = None
     candidate_ious: torch.Tensor | None = None
+    lost: torch.Tensor | None = None
 
 
 def _pooled(x: torch.Tensor, pool: int) -> torch.Tensor:
@@ -284,6 +286,41 @@ class SAM2Model(nn.Module):
         multimask = num_points <= 1
         return self._decode(embedding, features.high_res, points, previous_logits, multimask)
 
+    def track(
+        self, features: ImageFeatures, context: MemoryContext | None, previous_logits: torch.Tensor | None
+    ) -> MaskPrediction:
+        """Predict a tracked frame from ``context`` and, for a box-tracking model, the previous frame's logits
+        ``[B, 1, H, W]`` (see :meth:`tracking_prompt`); objects that model has lost get :meth:`lost_prediction`."""
+        lost = self.lost_objects(previous_logits)
+        if lost is not None and bool(lost.all()):
+            return self.lost_prediction(len(lost))
+        prediction = self.predict(features, context, points=self.tracking_prompt(previous_logits))
+        if lost is None or not bool(lost.any()):
+            return prediction
+        return _replace_rows(prediction, self.lost_prediction(len(lost)), lost)
+
+    def lost_objects(self, previous_logits: torch.Tensor | None) -> torch.Tensor | None:
+        """``[B]`` True for the objects a box-tracking model has lost: their previous mask is empty, so there
+        is no box, and a decoder trained on box prompts alone draws a mask anywhere without one. ``None`` for
+        models that track from memory alone, and on a frame without a previous one."""
+        if self.config.tracking_box_margin is None or previous_logits is None:
+            return None
+        return ~(previous_logits > 0).flatten(1).any(dim=1)
+
+    def lost_prediction(self, batch: int) -> MaskPrediction:
+        """The answer for lost objects, with nothing decoded: no mask, "absent", the no-object pointer."""
+        side = 4 * self.config.image_embedding_size
+        low_res = torch.full((batch, 1, side, side), NO_OBJECT_LOGIT, device=self.device)
+        pointer = self.no_obj_ptr if self.no_obj_ptr is not None else torch.zeros(1, self.config.hidden_dim)
+        return MaskPrediction(
+            low_res_logits=low_res,
+            high_res_logits=self.upsample_logits(low_res),
+            iou=torch.zeros(batch, device=self.device),
+            obj_ptr=pointer.to(self.device).expand(batch, -1),
+            object_score=torch.full((batch, 1), _MASK_PROMPT_BIAS, device=self.device),
+            lost=torch.ones(batch, dtype=torch.bool, device=self.device),
+        )
+
     def tracking_prompt(
         self, previous_logits: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -291,16 +328,16 @@ class SAM2Model(nn.Module):
 
         With ``config.tracking_box_margin = m`` the box of each object's mask (logits > 0), grown on each side
         by ``m`` times its longer side (at least 2 px) and clipped to the image, as corner points ``[B, 2, 2]``
-        in input pixels with labels ``[B, 2]`` (2, 3). ``None`` (track from memory alone) when the model has no
-        margin, there is no previous frame, or an object's previous mask is empty.
+        in input pixels with labels ``[B, 2]`` (2, 3). An object with an empty mask (lost, see
+        :meth:`lost_objects`) gets the whole image. ``None`` (track from memory alone) when the model has no
+        margin or there is no previous frame.
         """
-        margin = self.config.tracking_box_margin
-        if margin is None or previous_logits is None:
+        lost = self.lost_objects(previous_logits)
+        if lost is None:
             return None
         mask = previous_logits[:, 0] > 0  # [B, H, W]
+        mask[lost] = True
         rows, cols = mask.any(dim=2), mask.any(dim=1)  # [B, H], [B, W]
-        if not bool(rows.any(dim=1).all()):
-            return None
         scale = self.image_size / mask.shape[-1]
 
         def extent(hit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,7 +347,7 @@ class SAM2Model(nn.Module):
             return first.float() * scale, (last + 1).float() * scale
 
         (y0, y1), (x0, x1) = extent(rows), extent(cols)
-        grow = (margin * torch.maximum(x1 - x0, y1 - y0)).clamp_min(2.0)
+        grow = (self.config.tracking_box_margin * torch.maximum(x1 - x0, y1 - y0)).clamp_min(2.0)
         corners = torch.stack([x0 - grow, y0 - grow, x1 + grow, y1 + grow], dim=1).clamp(0, self.image_size)
         labels = torch.tensor([[2, 3]], dtype=torch.int32, device=mask.device).expand(len(mask), 2)
         return corners.reshape(-1, 2, 2), labels
@@ -411,3 +448,25 @@ class SAM2Model(nn.Module):
         """``[B, 1, 4h, 4w]`` logits -> ``[B, 1, S, S]`` (bilinear)."""
         size = (self.image_size, self.image_size)
         return F.interpolate(low_res, size=size, mode="bilinear", align_corners=False)
+
+
+def _replace_rows(prediction: MaskPrediction, other: MaskPrediction, rows: torch.Tensor) -> MaskPrediction:
+    """``prediction`` with the objects where ``rows`` ``[B]`` is True taken from ``other`` and marked lost;
+    the decoder's candidates of those objects become no-object logits (zero IoU)."""
+
+    def pick(mine: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
+        where = rows.view(-1, *[1] * (mine.dim() - 1))
+        return torch.where(where, theirs.to(mine.dtype), mine)
+
+    out = MaskPrediction(
+        low_res_logits=pick(prediction.low_res_logits, other.low_res_logits),
+        high_res_logits=pick(prediction.high_res_logits, other.high_res_logits),
+        iou=pick(prediction.iou, other.iou),
+        obj_ptr=pick(prediction.obj_ptr, other.obj_ptr),
+        object_score=pick(prediction.object_score, other.object_score),
+        lost=rows,
+    )
+    if prediction.candidate_logits is not None:
+        out.candidate_logits = pick(prediction.candidate_logits, torch.tensor(NO_OBJECT_LOGIT))
+        out.candidate_ious = pick(prediction.candidate_ious, torch.tensor(0.0))
+    return out

@@ -93,7 +93,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     sampler = SequenceSampler(
-        caches, SamplerOptions(frames=args.frames, max_objects=args.objects), seeded_rng(args.seed)
+        caches,
+        SamplerOptions(frames=args.frames, max_objects=args.objects, min_object_px=args.min_object_px),
+        seeded_rng(args.seed),
     )
     trainer = Trainer(model, sampler, options, args.workdir, log=log)
     if trainer.resume():
@@ -196,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--objects", type=int, default=3)
+    p.add_argument(
+        "--min-object-px", type=int, default=0, help="smallest object on the prompted slice (pixels at 256^2)"
+    )
     p.add_argument("--train-decoder", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -192,9 +192,9 @@ def previous_box_chain(slices: AxialSlices, start: int, box: tuple[int, int, int
     for step in (1, -1):
         previous, z = first, start + step
         while 0 <= z < shape[0]:
-            grown = slices.model.tracking_prompt(previous)
-            if grown is None:
+            if bool(slices.model.lost_objects(previous).any()):
                 break
+            grown = slices.model.tracking_prompt(previous)
             previous = slices.box_logits(z, grown[0])
             result[z] = slices.to_frame(previous)
             z += step

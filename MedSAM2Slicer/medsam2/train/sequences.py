@@ -3,8 +3,9 @@
 A sequence is ``T`` cached slices of one source along one axis: consecutive cached slices in a random
 direction (video-style tracking), or, with probability ``shuffle_prob``, random slices that contain the first
 object, in random order (one-prompt segmentation of unrelated images). Up to ``max_objects`` objects present
-on the first frame are tracked together. The first frame's prompt is a mask (50 %), one positive click
-(25 %) or a box (25 %) for all of them; up to ``max_corrections`` later frames get one corrective click each.
+on the first frame, each covering at least ``min_object_px`` pixels there, are tracked together. The first
+frame's prompt is a mask (50 %), one positive click (25 %) or a box (25 %) for all of them; up to
+``max_corrections`` later frames get one corrective click each.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ class SamplerOptions:
     max_objects: int = 3
     shuffle_prob: float = 0.25
     max_corrections: int = 2
+    # Objects smaller than this on the prompted first frame (pixels of the model input) are not drawn: a clinician
+    # prompts a structure where it is well visible, and a sliver of a rib teaches the memory nothing.
+    min_object_px: int = 0
 
 
 @dataclass
@@ -97,7 +101,7 @@ class SequenceSampler:
         if not present:
             return None
         first = object_masks(first_labels, present)
-        present = [v for v, m in zip(present, first) if m.any()]
+        present = [v for v, m in zip(present, first) if m.any() and m.sum() >= self.options.min_object_px]
         if not present:
             return None
         k = min(self.options.max_objects, len(present))

@@ -14,7 +14,8 @@ object absent the masks must go on learning (SAM 2 trains from a pretrained head
 predicted present).
 
 A model with a ``tracking_box_margin`` gets, on every tracked frame, the box of the previous frame's
-prediction (consecutive slices) or of the prompted first frame's (shuffled slices), as the session gives it.
+prediction (consecutive slices) or of the prompted first frame's (shuffled slices), as the session gives it;
+an object it has lost (``SAM2Model.lost_objects``) stays absent, and no loss reaches its decoding.
 """
 
 from __future__ import annotations
@@ -44,7 +45,10 @@ class LossTotals:
     presence: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
     count: int = 0
 
-    def add(self, terms: dict[str, torch.Tensor]) -> None:
+    def add(self, terms: dict[str, torch.Tensor] | None) -> None:
+        """Add one prediction's terms (``None``: all its objects were lost, nothing is counted)."""
+        if terms is None:
+            return
         for name, value in terms.items():
             setattr(self, name, getattr(self, name) + value)
         self.count += 1
@@ -65,11 +69,19 @@ class LossTotals:
         return out
 
 
-def prediction_losses(prediction: MaskPrediction, target: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Loss terms of one prediction for targets ``[B, S, S]`` bool (candidates are at ``S`` for lite)."""
-    present = target.flatten(1).any(dim=1).float()  # [B]
+def prediction_losses(prediction: MaskPrediction, target: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """Loss terms of one prediction for targets ``[B, S, S]`` bool (candidates are at ``S`` for lite);
+    ``None`` when every object was lost (nothing was predicted, nothing can learn)."""
+    decoded = (
+        torch.ones(len(target), dtype=torch.bool, device=target.device)
+        if prediction.lost is None
+        else ~prediction.lost
+    )
+    if not bool(decoded.any()):
+        return None
+    present = target.flatten(1).any(dim=1).float() * decoded  # [B]
     score = prediction.object_score.reshape(-1).float()
-    presence = F.binary_cross_entropy_with_logits(score, present)
+    presence = F.binary_cross_entropy_with_logits(score[decoded], present[decoded])
     zero = score.new_zeros(())
     if prediction.candidate_logits is None:  # a mask prompt is its own answer: only the pointer matters
         return {"focal": zero, "dice": zero, "iou": zero, "presence": presence}
@@ -169,8 +181,8 @@ def run_sequence(
     for t in range(1, frames):
         features_t = frame_features(t)
         context = policy.context(track, t, False, frames, descriptors[t])
-        box = model.tracking_prompt((outputs[-1] if sequence.consecutive else outputs[0]).detach())
-        prediction = model.predict(features_t, context, points=box)
+        previous = (outputs[-1] if sequence.consecutive else outputs[0]).detach()
+        prediction = model.track(features_t, context, previous)
         totals.add(prediction_losses(prediction, masks[:, t]))
         corrected = sampler is not None and t in sequence.corrections
         if corrected:
