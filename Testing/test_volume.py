@@ -132,23 +132,20 @@ def test_a_click_is_read_as_column_then_row_of_its_slice(axis):
 
 def test_mean_of_probabilities_over_the_passes_that_visited():
     votes = _Votes((3, 4, 5), [1], Aggregation.MEAN)
-    full = (slice(0, 4), slice(0, 5))
-    votes.add(0, 1, {1: np.full((4, 5), 0.9, np.float32)}, full)
-    votes.add(0, 1, {1: np.full((4, 5), 0.2, np.float32)}, full)
-    # A coronal pass over rows 0..1 of slice y=2, columns 1..3 only.
-    votes.add(1, 2, {1: np.full((2, 3), 0.7, np.float32)}, (slice(0, 2), slice(1, 4)))
+    votes.add(0, 1, {1: np.full((4, 5), 0.9, np.float32)})
+    votes.add(0, 1, {1: np.full((4, 5), 0.2, np.float32)})
+    votes.add(1, 2, {1: np.full((3, 5), 0.7, np.float32)})  # a coronal pass's slice y = 2
     p = votes.result()[1]
-    assert np.allclose(p[1, 2, 1:4], (0.9 + 0.2 + 0.7) / 3)
-    assert np.allclose(p[1, 2, 0], 0.55) and np.allclose(p[1, 0], 0.55)
-    assert np.allclose(p[0, 2, 1:4], 0.7) and np.allclose(p[0, 2, 0], 0) and np.allclose(p[2], 0)
+    assert np.allclose(p[1, 2], (0.9 + 0.2 + 0.7) / 3)
+    assert np.allclose(p[1, 0], 0.55) and np.allclose(p[1, 3], 0.55)
+    assert np.allclose(p[0, 2], 0.7) and np.allclose(p[0, 1], 0) and np.allclose(p[2, :2], 0)
 
 
 def test_majority_counts_votes_above_one_half():
     votes = _Votes((2, 2, 3), [1], Aggregation.MAJORITY)
-    full = (slice(0, 2), slice(0, 3))
     for probability in (0.9, 0.6, 0.4, 0.51, 0.1):
-        votes.add(0, 0, {1: np.full((2, 3), probability, np.float32)}, full)
-    votes.add(0, 1, {1: np.full((2, 3), 0.5, np.float32)}, full)  # exactly one half is not a vote
+        votes.add(0, 0, {1: np.full((2, 3), probability, np.float32)})
+    votes.add(0, 1, {1: np.full((2, 3), 0.5, np.float32)})  # exactly one half is not a vote
     p = votes.result()[1]
     assert np.allclose(p[0], 3 / 5) and np.allclose(p[1], 0)
     assert _labels(votes.result(), [1])[0].all()
@@ -157,10 +154,9 @@ def test_majority_counts_votes_above_one_half():
 def test_each_object_is_averaged_over_its_own_passes():
     """A pass that tracked only object 2 must not dilute object 1's probability."""
     votes = _Votes((2, 3, 3), [1, 2], Aggregation.MEAN)
-    full = (slice(0, 3), slice(0, 3))
-    votes.add(0, 0, {1: np.full((3, 3), 0.8, np.float32)}, full)
-    votes.add(0, 0, {1: np.full((3, 3), 0.6, np.float32)}, full)
-    votes.add(0, 0, {2: np.full((3, 3), 0.3, np.float32)}, full)
+    votes.add(0, 0, {1: np.full((3, 3), 0.8, np.float32)})
+    votes.add(0, 0, {1: np.full((3, 3), 0.6, np.float32)})
+    votes.add(0, 0, {2: np.full((3, 3), 0.3, np.float32)})
     p = votes.result()
     assert np.allclose(p[1][0], 0.7) and np.allclose(p[2][0], 0.3)
     assert (_labels(p, [1, 2])[0] == 1).all()

@@ -28,7 +28,7 @@ ProgressCallback = Callable[[int, int, str], None]
 
 # A direction stops after this many consecutive frames without any object, once past every prompt.
 _ABSENT_FRAMES_TO_STOP = 3
-# Margin around the first pass's bounding box for the extra axes: this fraction of the extent, or this many
+# Margin around the first pass's slice range for the extra axes: this fraction of the extent, or this many
 # voxels, whichever is larger.
 _ROI_MARGIN_FRACTION, _ROI_MARGIN_VOXELS = 0.15, 4
 
@@ -62,11 +62,9 @@ class _Votes:
         self.total = {i: np.zeros(shape, np.float32) for i in obj_ids}
         self.count = {i: np.zeros(shape, np.uint8) for i in self.total}
 
-    def add(
-        self, axis: int, index: int, probabilities: dict[int, np.ndarray], window: tuple[slice, slice]
-    ) -> None:
-        """Add one pass's result on slice ``index`` of ``axis``, covering ``window`` of that slice."""
-        where = _slice_index(axis, index, window)
+    def add(self, axis: int, index: int, probabilities: dict[int, np.ndarray]) -> None:
+        """Add one pass's result on slice ``index`` of ``axis``."""
+        where = _slice_index(axis, index)
         for obj_id, prob in probabilities.items():
             vote = (prob > 0.5).astype(np.float32) if self.aggregate is Aggregation.MAJORITY else prob
             self.total[obj_id][where] += vote
@@ -79,9 +77,9 @@ class _Votes:
         }
 
 
-def _slice_index(axis: int, index: int, window: tuple[slice, slice]) -> tuple:
-    """Index of the 2D window of slice ``index`` along ``axis`` in a ``[Z, Y, X]`` array."""
-    where = list(window)
+def _slice_index(axis: int, index: int) -> tuple:
+    """Index of slice ``index`` along ``axis`` in a ``[Z, Y, X]`` array."""
+    where: list = [slice(None), slice(None)]
     where.insert(axis, index)
     return tuple(where)
 
@@ -106,7 +104,8 @@ def segment_volume(
 
     ``orientations``: 1 (prompt axis, forward only), 2 (prompt axis, both directions) or 6 (all three axes,
     both directions). ``aggregate``: ``"mean"`` probability or ``"majority"`` vote. ``roi="auto"`` lets the
-    extra axes visit only the first pass's slices and in-plane box plus a margin (``None``: whole slices).
+    extra axes visit only the slices where the first pass found the objects, plus a margin (``None``: every
+    slice); slices are always whole, as the models saw them in training.
     ``early_stop`` ends a direction once every object has been absent for a few slices past the prompts.
     ``spacing`` (z, y, x in mm) widens that margin to at least 5 mm. ``progress(done, total, message)`` is
     called as frames complete; setting ``cancel`` stops within one frame with :class:`Cancelled`.
@@ -143,7 +142,7 @@ def segment_volume(
     for axis in sorted(depth):
         objects = {o for o, a in primary_axis.items() if a == axis}
         own = [p for p in prompts if p.obj_id in objects and p.axis == axis]
-        runner.run_axis(axis, own, window=None, both_directions=orientations > 1, user_prompts=own)
+        runner.run_axis(axis, own, slices=None, both_directions=orientations > 1, user_prompts=own)
     if orientations == 6:
         first_pass = votes.result()
         for axis in range(3):
@@ -152,12 +151,12 @@ def segment_volume(
             seeds = _seed_prompts({o: first_pass[o] for o in objects}, axis)
             if not seeds and not extra:
                 continue
-            window = None
+            slices = None
             if roi == "auto":
-                window = _roi_window(
+                slices = _roi_slices(
                     [first_pass[o] for o in objects], axis, spacing, [p.index for p in extra]
                 )
-            runner.run_axis(axis, seeds + extra, window=window, both_directions=True, user_prompts=extra)
+            runner.run_axis(axis, seeds + extra, slices=slices, both_directions=True, user_prompts=extra)
 
     probabilities = votes.result()
     runner.restore_prompted_slices(probabilities)
@@ -187,8 +186,8 @@ class _PassRunner:
         self.votes, self.result, self.progress, self.cancel = votes, result, progress, cancel
         self.early_stop = early_stop
         self.done, self.total = 0, 1
-        # The result on each user-prompted slice: (axis, index, obj_id) -> (probability, in-plane window).
-        self.prompted: dict[tuple[int, int, int], tuple[np.ndarray, tuple[slice, slice]]] = {}
+        # The result on each user-prompted slice: (axis, index, obj_id) -> probability.
+        self.prompted: dict[tuple[int, int, int], np.ndarray] = {}
 
     def estimate(self, total: int) -> None:
         self.total = max(total, 1)
@@ -196,8 +195,8 @@ class _PassRunner:
     def restore_prompted_slices(self, probabilities: dict[int, np.ndarray]) -> None:
         """A slice the user prompted keeps what its prompt gave: the other passes only cross it along one
         line each, and their votes must not overrule the prompt."""
-        for (axis, index, obj_id), (prob, window) in self.prompted.items():
-            probabilities[obj_id][_slice_index(axis, index, window)] = prob
+        for (axis, index, obj_id), prob in self.prompted.items():
+            probabilities[obj_id][_slice_index(axis, index)] = prob
 
     def finish(self) -> None:
         """Report completion: early stop and the ROI usually end the run short of the estimate."""
@@ -208,44 +207,32 @@ class _PassRunner:
         self,
         axis: int,
         prompts: list[Prompt],
-        window: tuple[tuple[int, int], tuple[int, int], tuple[int, int]] | None,
+        slices: tuple[int, int] | None,
         both_directions: bool,
         user_prompts: list[Prompt],
     ) -> None:
-        """Track along ``axis``; ``window`` = (slice range, row range, column range) in that axis's frame order.
+        """Track along ``axis``, over the slice range ``slices`` (``None``: all).
 
         ``user_prompts`` (among ``prompts``; the others are seeds from an earlier pass) mark the slices whose
         result is kept as the prompt gave it."""
         started = time.perf_counter()
         frames = np.moveaxis(self.intensities, axis, 0)
-        (first, last), rows, cols = window or (
-            (0, frames.shape[0]),
-            (0, frames.shape[1]),
-            (0, frames.shape[2]),
-        )
-        frames = frames[first:last, rows[0] : rows[1], cols[0] : cols[1]]
-        in_plane = (slice(*rows), slice(*cols))
-        session = Session(self.model, frames, memory=self.memory, seed=self.seed)
+        first, last = slices or (0, frames.shape[0])
+        session = Session(self.model, frames[first:last], memory=self.memory, seed=self.seed)
         prompted = set()
         for p in prompts:
-            local = _local_prompt(p, first, rows, cols)
-            if local.mask is not None:
-                session.add_prompt(local.index, obj_id=p.obj_id, mask=local.mask)
-            if local.points is not None or local.box is not None:
+            index = p.index - first
+            if p.mask is not None:
+                session.add_prompt(index, obj_id=p.obj_id, mask=p.mask)
+            if p.points is not None or p.box is not None:
                 # Clicks or a box after a mask on the same slice refine the mask's result.
-                session.add_prompt(
-                    local.index, obj_id=p.obj_id, points=local.points, labels=local.labels, box=local.box
-                )
-            prompted.add(local.index)
+                session.add_prompt(index, obj_id=p.obj_id, points=p.points, labels=p.labels, box=p.box)
+            prompted.add(index)
         name = ("axial", "coronal", "sagittal")[axis]
         keep = {(p.index - first, p.obj_id) for p in user_prompts}
-        self._direction(
-            session, axis, first, in_plane, min(prompted), max(prompted), False, f"{name} forward", keep
-        )
+        self._direction(session, axis, first, min(prompted), max(prompted), False, f"{name} forward", keep)
         if both_directions:
-            self._direction(
-                session, axis, first, in_plane, max(prompted), min(prompted), True, f"{name} reverse", keep
-            )
+            self._direction(session, axis, first, max(prompted), min(prompted), True, f"{name} reverse", keep)
         self.result.timings[f"{name}"] = self.result.timings.get(name, 0.0) + time.perf_counter() - started
 
     def _direction(
@@ -253,7 +240,6 @@ class _PassRunner:
         session: Session,
         axis: int,
         offset: int,
-        in_plane: tuple[slice, slice],
         start: int,
         last_prompt: int,
         reverse: bool,
@@ -264,10 +250,10 @@ class _PassRunner:
         for t, logits in session.propagate(start=start, reverse=reverse):
             self._check_cancel()
             probabilities = {obj_id: _sigmoid(x) for obj_id, x in logits.items()}
-            self.votes.add(axis, offset + t, probabilities, in_plane)
+            self.votes.add(axis, offset + t, probabilities)
             for obj_id, prob in probabilities.items():
                 if (t, obj_id) in keep:
-                    self.prompted[(axis, offset + t, obj_id)] = (prob, in_plane)
+                    self.prompted[(axis, offset + t, obj_id)] = prob
             visited += 1
             self.done += 1
             if self.progress is not None:
@@ -289,20 +275,6 @@ def _sigmoid(logits: np.ndarray) -> np.ndarray:
     return (1.0 / (1.0 + np.exp(-np.clip(logits, -60, 60)))).astype(np.float32)
 
 
-def _local_prompt(p: Prompt, first: int, rows: tuple[int, int], cols: tuple[int, int]) -> Prompt:
-    """The prompt in the coordinates of a cropped frame stack (slices from ``first``, rows and columns)."""
-    shift = np.array([cols[0], rows[0]], dtype=np.float64)
-    return Prompt(
-        axis=p.axis,
-        index=p.index - first,
-        obj_id=p.obj_id,
-        points=None if p.points is None else np.asarray(p.points) - shift,
-        labels=p.labels,
-        box=None if p.box is None else np.asarray(p.box) - np.tile(shift, 2),
-        mask=None if p.mask is None else p.mask[rows[0] : rows[1], cols[0] : cols[1]],
-    )
-
-
 def _seed_prompts(first_pass: dict[int, np.ndarray], axis: int) -> list[Prompt]:
     """For each object, a mask prompt on the ``axis`` slice where the first pass found it largest."""
     seeds = []
@@ -316,34 +288,28 @@ def _seed_prompts(first_pass: dict[int, np.ndarray], axis: int) -> list[Prompt]:
     return seeds
 
 
-def _roi_window(
+def _roi_slices(
     first_pass: list[np.ndarray],
     axis: int,
     spacing: Sequence[float] | None,
     prompt_slices: list[int],
-) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]] | None:
-    """Slice range and in-plane box (in ``axis``'s frame order) around the objects, with a margin.
-
-    Slices with user prompts stay inside the range, and their presence keeps whole slices in-plane (the
-    prompts' coordinates refer to whole slices)."""
+) -> tuple[int, int] | None:
+    """The range of ``axis`` slices where the first pass found the objects, with a margin, and taking in the
+    slices the user prompted on this axis; ``None`` when the first pass found nothing."""
     found = np.zeros(first_pass[0].shape, bool)
     for prob in first_pass:
         found |= prob > 0.5
     if not found.any():
         return None
-    order = [axis] + [a for a in range(3) if a != axis]
-    ranges = []
-    for a in order:
-        hits = np.flatnonzero(found.any(axis=tuple(b for b in range(3) if b != a)))
-        lo, hi = int(hits[0]), int(hits[-1]) + 1
-        margin = max(int(np.ceil(_ROI_MARGIN_FRACTION * (hi - lo))), _ROI_MARGIN_VOXELS)
-        if spacing is not None:
-            margin = max(margin, int(np.ceil(5.0 / float(spacing[a]))))
-        ranges.append((max(lo - margin, 0), min(hi + margin, found.shape[a])))
+    hits = np.flatnonzero(found.any(axis=tuple(b for b in range(3) if b != axis)))
+    lo, hi = int(hits[0]), int(hits[-1]) + 1
+    margin = max(int(np.ceil(_ROI_MARGIN_FRACTION * (hi - lo))), _ROI_MARGIN_VOXELS)
+    if spacing is not None:
+        margin = max(margin, int(np.ceil(5.0 / float(spacing[axis]))))
+    lo, hi = max(lo - margin, 0), min(hi + margin, found.shape[axis])
     if prompt_slices:
-        ranges[0] = (min(ranges[0][0], *prompt_slices), max(ranges[0][1], max(prompt_slices) + 1))
-        ranges[1:] = [(0, found.shape[a]) for a in order[1:]]
-    return tuple(ranges)
+        lo, hi = min(lo, *prompt_slices), max(hi, max(prompt_slices) + 1)
+    return lo, hi
 
 
 def _labels(probabilities: dict[int, np.ndarray], obj_ids: list[int]) -> np.ndarray:
