@@ -4,7 +4,7 @@ Four runs of ``segment_volume`` in one process, on the same prompts:
 
 - (a) the prompt axis, one direction (``orientations=1``);
 - (b) the prompt axis, both directions (``orientations=2``);
-- (c) six orientations over whole slices and every slice (``roi=None``, early stop off): the reference;
+- (c) six orientations over every slice (``roi=None``, early stop off): the reference;
 - (d) six orientations with the defaults (``roi="auto"``, early stop on).
 
 Each run is set against its floor: the time ``model.encode_image`` alone takes for as many frames as the run

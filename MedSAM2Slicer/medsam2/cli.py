@@ -295,7 +295,7 @@ def _volume_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--no-roi",
         action="store_true",
-        help="let the extra axes visit whole slices (slower; default: around the object)",
+        help="let the extra axes visit every slice (slower; default: the slices around the object)",
     )
 
 
