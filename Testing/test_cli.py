@@ -380,6 +380,7 @@ def test_bench_times_the_four_settings(tmp_path, capsys):
     assert runs["b"]["frames"] == 3 + 2
     # (c) visits every slice of every axis, each pass from its seed slice both ways (that slice twice)
     assert runs["c"]["frames"] == (4 + 1) + (8 + 1) + (8 + 1)
+    assert runs["c"]["frames_encoded"] == 4 + 8 + 8  # the seed slices are visited twice, encoded once
     assert runs["c"]["roi"] is None and runs["c"]["early_stop"] is False
     assert all(r["seconds"] > 0 and r["encoder_seconds"] > 0 for r in runs.values())
     assert runs["c"]["encoder_seconds"] > runs["a"]["encoder_seconds"]

@@ -63,7 +63,7 @@ examples:
 BENCH_EPILOG = """\
 runs: (a) prompt axis one direction, (b) prompt axis both directions, (c) six orientations over the whole
 volume without early stop, (d) six orientations with ROI and early stop (the default). Each is compared
-with run (c) and with the image-encoder-only time for as many frames as it visited (its floor).
+with run (c) and with the image-encoder-only time for as many frames as it encoded (its floor).
 
 examples:
   medsam2 bench ct.nrrd --slice 20 --box 40,40,90,90 --random sam2.1_hiera_t --image-size 512

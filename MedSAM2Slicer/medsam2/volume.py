@@ -42,11 +42,13 @@ class Aggregation(str, Enum):
 class VolumeResult:
     """``labels``: ``[Z, Y, X]`` object ids (0 = background); ``probabilities``: per object ``[Z, Y, X]``
     float32 (mean probability, or fraction of positive votes); ``frames_visited``: model frame predictions
-    per pass; ``timings``: seconds per stage."""
+    per pass; ``frames_encoded``: image-encoder runs (a frame on which every object was lost is visited but
+    not encoded); ``timings``: seconds per stage."""
 
     labels: np.ndarray
     probabilities: dict[int, np.ndarray]
     frames_visited: dict[str, int] = field(default_factory=dict)
+    frames_encoded: int = 0
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -233,6 +235,7 @@ class _PassRunner:
         self._direction(session, axis, first, min(prompted), max(prompted), False, f"{name} forward", keep)
         if both_directions:
             self._direction(session, axis, first, max(prompted), min(prompted), True, f"{name} reverse", keep)
+        self.result.frames_encoded += session.frames_encoded
         self.result.timings[f"{name}"] = self.result.timings.get(name, 0.0) + time.perf_counter() - started
 
     def _direction(
