@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import medsam2
+from medsam2.model.sam2 import MaskPrediction
 from medsam2.train import data
 from medsam2.train.sequences import SamplerOptions, SequenceSampler
 from medsam2.train.step import prediction_losses, run_sequence
@@ -157,20 +158,26 @@ def test_learning_rate_warms_up_then_decays():
     assert factors[-1] == pytest.approx(0.1, abs=0.01)
 
 
+def _prediction(logits: torch.Tensor, scores: list[float], candidates=None, lost=None) -> MaskPrediction:
+    """A decoder answer with output ``logits`` ``[B, 1, s, s]`` (also the candidates unless given)."""
+    b = len(logits)
+    return MaskPrediction(
+        low_res_logits=logits,
+        high_res_logits=logits,
+        iou=torch.ones(b),
+        obj_ptr=torch.zeros(b, 4),
+        object_score=torch.tensor(scores).reshape(b, 1),
+        candidate_logits=logits if candidates is None else candidates,
+        candidate_ious=torch.ones(b, 1),
+        lost=lost,
+    )
+
+
 def test_losses_are_zero_for_a_perfect_confident_answer():
     target = torch.zeros(1, 16, 16, dtype=torch.bool)
     target[0, 4:10, 4:10] = True
     logits = torch.where(target, 30.0, -30.0)[:, None]
-    prediction = medsam2.model.sam2.MaskPrediction(
-        low_res_logits=logits,
-        high_res_logits=logits,
-        iou=torch.ones(1),
-        obj_ptr=torch.zeros(1, 4),
-        object_score=torch.full((1, 1), 30.0),
-        candidate_logits=logits,
-        candidate_ious=torch.ones(1, 1),
-    )
-    terms = prediction_losses(prediction, target)
+    terms = prediction_losses(_prediction(logits, [30.0]), target)
     assert all(float(v) < 1e-3 for v in terms.values()), terms
 
 
@@ -178,15 +185,7 @@ def test_mask_terms_count_a_present_object_that_is_predicted_absent():
     target = torch.zeros(1, 16, 16, dtype=torch.bool)
     target[0, 4:10, 4:10] = True
     raw = torch.where(target, 2.0, -2.0)[:, None]  # the decoder's mask, before the no-object fill
-    prediction = medsam2.model.sam2.MaskPrediction(
-        low_res_logits=torch.full_like(raw, -1024.0),
-        high_res_logits=torch.full_like(raw, -1024.0),
-        iou=torch.ones(1),
-        obj_ptr=torch.zeros(1, 4),
-        object_score=torch.full((1, 1), -3.0),
-        candidate_logits=raw.requires_grad_(),
-        candidate_ious=torch.ones(1, 1),
-    )
+    prediction = _prediction(torch.full_like(raw, -1024.0), [-3.0], candidates=raw.requires_grad_())
     terms = prediction_losses(prediction, target)
     assert float(terms["dice"].detach()) > 0.05 and float(terms["presence"].detach()) > 2.5
     (terms["focal"] + terms["dice"]).backward()
@@ -197,29 +196,10 @@ def test_objects_lost_by_box_tracking_add_no_loss():
     target = torch.zeros(2, 16, 16, dtype=torch.bool)
     target[:, 4:10, 4:10] = True
     logits = torch.where(target, 2.0, -2.0)[:, None]
-    prediction = medsam2.model.sam2.MaskPrediction(
-        low_res_logits=logits,
-        high_res_logits=logits,
-        iou=torch.ones(2),
-        obj_ptr=torch.zeros(2, 4),
-        object_score=torch.tensor([[3.0], [-10.0]]),
-        candidate_logits=torch.cat([logits[:1], torch.full_like(logits[:1], -1024.0)]),
-        candidate_ious=torch.ones(2, 1),
-        lost=torch.tensor([False, True]),
-    )
+    candidates = torch.cat([logits[:1], torch.full_like(logits[:1], -1024.0)])
+    prediction = _prediction(logits, [3.0, -10.0], candidates=candidates, lost=torch.tensor([False, True]))
     both = prediction_losses(prediction, target)
-    alone = prediction_losses(
-        medsam2.model.sam2.MaskPrediction(
-            logits[:1],
-            logits[:1],
-            torch.ones(1),
-            torch.zeros(1, 4),
-            torch.tensor([[3.0]]),
-            logits[:1],
-            torch.ones(1, 1),
-        ),
-        target[:1],
-    )
+    alone = prediction_losses(_prediction(logits[:1], [3.0]), target[:1])
     for name in both:
         torch.testing.assert_close(both[name], alone[name])
     prediction.lost = torch.tensor([True, True])
