@@ -168,6 +168,29 @@ def test_two_objects_are_tracked_together(model, frames):
     assert _iou(results[3][7] > 0, _box_mask(14, 20, 22, 30)) > 0.9
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_from_own_prompts_tracks_each_object_only_past_its_own_prompt(model, frames, reverse):
+    """Each object's frames are those it gets when prompted alone; before its own prompt it has no entry."""
+    masks = {1: _box_mask(2, 2, 10, 10), 7: _box_mask(14, 20, 22, 30)}
+    prompted = {1: 2, 7: 5}
+
+    def run(objects: list[int]) -> dict[int, dict[int, np.ndarray]]:
+        session = medsam2.Session(model, frames, memory=medsam2.MemoryOptions(policy="recent"))
+        for obj_id in objects:
+            session.add_prompt(prompted[obj_id], obj_id=obj_id, mask=masks[obj_id])
+        start = max(prompted[o] for o in objects) if reverse else min(prompted[o] for o in objects)
+        return dict(session.propagate(start=start, reverse=reverse, from_own_prompts=True))
+
+    both = run([1, 7])
+    for obj_id in (1, 7):
+        alone = run([obj_id])
+        own = [t for t in both if obj_id in both[t]]
+        assert own == sorted(alone, reverse=reverse)
+        assert own == (list(range(prompted[obj_id], -1, -1)) if reverse else list(range(prompted[obj_id], T)))
+        for t in own:
+            np.testing.assert_allclose(both[t][obj_id], alone[t][obj_id], atol=1e-5)
+
+
 # ---------------------------------------------------------------- reset
 
 

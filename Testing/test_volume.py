@@ -226,6 +226,25 @@ def test_objects_prompted_on_different_axes_keep_their_own_votes(absent_model):
     assert np.array_equal(both.labels == 1, alone.labels == 1)
 
 
+@pytest.mark.parametrize("orientations", [2, 6])
+def test_objects_prompted_on_different_slices_are_tracked_only_from_their_own_prompts(
+    present_model, orientations
+):
+    """Before its own prompt an object has no memory and (for a box-tracking model) no box: the passes that
+    start at another object's prompt must neither vote for it there nor feed its memory."""
+    volume = _synthetic()
+    one = Prompt(axis=0, index=3, obj_id=1, mask=_corner_mask(SHAPE[1:]))
+    two = Prompt(axis=0, index=9, obj_id=2, box=(12, 2, 20, 10))
+    # SAM 2's rule: the self-sorting bank's resampling draws from one generator shared by the objects.
+    options = dict(orientations=orientations, roi=None, memory=medsam2.MemoryOptions(policy="recent"))
+    both = medsam2.segment_volume(present_model, volume, [one, two], **options)
+    for prompt in (one, two):
+        alone = medsam2.segment_volume(present_model, volume, [prompt], **options)
+        np.testing.assert_allclose(
+            both.probabilities[prompt.obj_id], alone.probabilities[prompt.obj_id], atol=1e-5
+        )
+
+
 def test_prompted_slices_keep_the_prompt_but_seeded_slices_are_voted_on(absent_model):
     """With the absent model every tracked slice is empty, so the other axes vote "no" on the prompted
     slice's voxels; the user's prompt still wins there, and only there."""

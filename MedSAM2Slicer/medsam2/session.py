@@ -179,14 +179,20 @@ class Session:
 
     @torch.inference_mode()
     def propagate(
-        self, start: int | None = None, reverse: bool = False, max_frames: int | None = None
+        self,
+        start: int | None = None,
+        reverse: bool = False,
+        max_frames: int | None = None,
+        from_own_prompts: bool = False,
     ) -> Iterator[tuple[int, dict[int, np.ndarray]]]:
         """Track every object from ``start`` (default: the first prompted frame) in one direction.
 
         Yields ``(frame, {obj_id: logits [H, W]})`` for each frame, ``max_frames`` frames after ``start`` at
-        most. Prompted frames give their prompted result.
+        most. Prompted frames give their prompted result. By default every object is tracked on every frame,
+        as SAM 2's video predictor does, also before that object's own first prompt in this direction;
+        ``from_own_prompts`` leaves an object out of the frames before it (its dict has no entry there).
         """
-        for t, predictions in self.propagate_low_res(start, reverse, max_frames):
+        for t, predictions in self.propagate_low_res(start, reverse, max_frames, from_own_prompts):
             yield (
                 t,
                 {
@@ -197,7 +203,11 @@ class Session:
 
     @torch.inference_mode()
     def propagate_low_res(
-        self, start: int | None = None, reverse: bool = False, max_frames: int | None = None
+        self,
+        start: int | None = None,
+        reverse: bool = False,
+        max_frames: int | None = None,
+        from_own_prompts: bool = False,
     ) -> Iterator[tuple[int, dict[int, torch.Tensor]]]:
         """Like :meth:`propagate`, but yields the model's low-resolution logits ``[1, 1, 4h, 4w]``."""
         self._commit_prompts()
@@ -215,6 +225,8 @@ class Session:
         for t in order:
             out = {}
             for track in self.tracks.values():
+                if from_own_prompts and _before_own_prompts(track, t, reverse):
+                    continue
                 record = track.conditioning.get(t)
                 if record is None:
                     with self._precision():
@@ -329,3 +341,8 @@ class Session:
         memory = self.model.encode_memory(features, high_res_logits, object_score, binarize)
         memory.features = memory.features.to(self.options.torch_storage_dtype)
         return memory
+
+
+def _before_own_prompts(track: ObjectTrack, t: int, reverse: bool) -> bool:
+    """Whether frame ``t`` comes before every prompted frame of ``track`` in the direction of travel."""
+    return t > max(track.conditioning) if reverse else t < min(track.conditioning)

@@ -250,7 +250,9 @@ class _PassRunner:
         keep: set[tuple[int, int]],
     ) -> None:
         absent_run, visited = 0, 0
-        for t, logits in session.propagate(start=start, reverse=reverse):
+        # An object whose own prompt lies further on has no box to track and no memory yet: a guess there
+        # would vote, and would enter its memory.
+        for t, logits in session.propagate(start=start, reverse=reverse, from_own_prompts=True):
             self._check_cancel()
             probabilities = {obj_id: _sigmoid(x) for obj_id, x in logits.items()}
             self.votes.add(axis, offset + t, probabilities)
