@@ -49,8 +49,8 @@ def _record(frame: int, descriptor: torch.Tensor, iou: float = 0.9, object_score
     )
 
 
-def _bank(seed: int = 0, **options) -> SelfSortingBank:
-    return SelfSortingBank(CONFIG, medsam2.MemoryOptions(**options), torch.Generator().manual_seed(seed))
+def _bank(**options) -> SelfSortingBank:
+    return SelfSortingBank(CONFIG, medsam2.MemoryOptions(**options))
 
 
 def _dissimilarities(descriptors: torch.Tensor) -> np.ndarray:
@@ -148,9 +148,9 @@ def test_sorting_prefers_a_distinct_frame_over_near_duplicates():
 
 def _draw_counts(cosines: list[float], draws: int = 20_000, seed: int = 0) -> np.ndarray:
     query, rows = _with_cosines(cosines)
-    policy = _bank(seed=seed, capacity=draws)
+    policy = _bank(capacity=draws)
     bank = [_record(i, d) for i, d in enumerate(rows)]
-    drawn = policy.draw(bank, query)
+    drawn = policy.draw(bank, query, torch.Generator().manual_seed(seed))
     assert len(drawn) == draws
     return np.bincount([r.frame for r in drawn], minlength=len(bank))
 
@@ -257,7 +257,8 @@ def test_without_resampling_every_entry_is_attended_once():
     context = _bank(capacity=3, resample=False).context(track, 20, False, 40, query)
     cond = {id(rec.memory) for rec in track.conditioning.values()}
     assert sorted(id(m) for m, _ in context.frames if id(m) not in cond) == bank_ids
-    resampled = [_bank(seed=s, capacity=3).context(track, 20, False, 40, query) for s in range(10)]
+    resampling = _bank(capacity=3)
+    resampled = [resampling.context(track, 20, False, 40, query) for _ in range(10)]
     drawn = [sorted(id(m) for m, _ in c.frames if id(m) not in cond) for c in resampled]
     assert any(d != bank_ids for d in drawn)  # with resampling, some entries repeat and others drop out
 

@@ -175,7 +175,7 @@ def test_from_own_prompts_tracks_each_object_only_past_its_own_prompt(model, fra
     prompted = {1: 2, 7: 5}
 
     def run(objects: list[int]) -> dict[int, dict[int, np.ndarray]]:
-        session = medsam2.Session(model, frames, memory=medsam2.MemoryOptions(policy="recent"))
+        session = medsam2.Session(model, frames)  # self-sorting: each object draws on its own
         for obj_id in objects:
             session.add_prompt(prompted[obj_id], obj_id=obj_id, mask=masks[obj_id])
         start = max(prompted[o] for o in objects) if reverse else min(prompted[o] for o in objects)

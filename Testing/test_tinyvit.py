@@ -24,7 +24,7 @@ from medsam2.litemedsam import (
     read_litemedsam_state_dict,
     split_litemedsam,
 )
-from medsam2.model.tinyvit import TinyViT, TinyViTBlock, relative_offset_index
+from medsam2.model.tinyvit import ConvBN, TinyViT, TinyViTBlock, relative_offset_index
 
 TINY = dict(embed_dims=(8, 16, 16, 32), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), out_chans=32)
 
@@ -94,6 +94,29 @@ def test_batch_items_are_independent():
         together = model(images)
         alone = model(images[1:])
     torch.testing.assert_close(together[1:], alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernel_size, stride, groups", [(1, 1, 1), (3, 2, 8), (3, 1, 1)])
+def test_conv_bn_in_eval_folds_the_batch_norm_into_the_convolution(kernel_size, stride, groups):
+    torch.manual_seed(0)
+    block = ConvBN(8, 16, kernel_size, stride, groups)
+    with torch.no_grad():
+        for tensor in (block.bn.weight, block.bn.bias, block.bn.running_mean):
+            tensor.normal_()
+        block.bn.running_var.uniform_(0.1, 3.0)
+    x = torch.randn(2, 8, 12, 10)
+    block.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), block.bn(block.c(x)), atol=1e-5, rtol=1e-5)
+    block.train()  # training normalises with the batch's own statistics, as nn.BatchNorm2d does
+    torch.testing.assert_close(
+        block(x),
+        torch.nn.functional.batch_norm(
+            block.c(x), None, None, training=True, weight=block.bn.weight, bias=block.bn.bias
+        ),
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 def test_relative_offset_index_follows_first_occurrence_order():

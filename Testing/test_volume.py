@@ -235,8 +235,7 @@ def test_objects_prompted_on_different_slices_are_tracked_only_from_their_own_pr
     volume = _synthetic()
     one = Prompt(axis=0, index=3, obj_id=1, mask=_corner_mask(SHAPE[1:]))
     two = Prompt(axis=0, index=9, obj_id=2, box=(12, 2, 20, 10))
-    # SAM 2's rule: the self-sorting bank's resampling draws from one generator shared by the objects.
-    options = dict(orientations=orientations, roi=None, memory=medsam2.MemoryOptions(policy="recent"))
+    options = dict(orientations=orientations, roi=None)  # self-sorting: each object draws on its own
     both = medsam2.segment_volume(present_model, volume, [one, two], **options)
     for prompt in (one, two):
         alone = medsam2.segment_volume(present_model, volume, [prompt], **options)

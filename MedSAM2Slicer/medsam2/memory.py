@@ -92,7 +92,9 @@ class ObjectTrack:
 
     ``conditioning``: prompted frames with encoded memory; ``pending``: frames prompted since the last
     propagation (memory encoded when propagation starts); ``tracked``: propagated frames; ``reverse``: the
-    direction each frame was last tracked in; ``bank``: the self-sorting bank of the current pass.
+    direction each frame was last tracked in; ``bank``: the self-sorting bank of the current pass;
+    ``generator``: the bank's random draws. Each object has its own, so that adding an object leaves the
+    others' results as they were.
     """
 
     obj_id: int
@@ -102,6 +104,7 @@ class ObjectTrack:
     tracked: dict[int, FrameRecord] = field(default_factory=dict)
     reverse: dict[int, bool] = field(default_factory=dict)
     bank: list[FrameRecord] = field(default_factory=list)
+    generator: torch.Generator = field(default_factory=torch.Generator)
 
     def latest(self, frame: int) -> FrameRecord | None:
         """The newest record of ``frame``: a pending prompt result first, then stored results."""
@@ -160,11 +163,10 @@ class SelfSortingBank(RecentFrames):
     similarity to the current frame.
     """
 
-    def __init__(self, config: ModelConfig, options: MemoryOptions, generator: torch.Generator) -> None:
+    def __init__(self, config: ModelConfig, options: MemoryOptions) -> None:
         super().__init__(config)
         self.options = options
         self.capacity = options.capacity or config.num_maskmem - 1
-        self.generator = generator
 
     def start_pass(self, track: ObjectTrack) -> None:
         track.bank = []
@@ -177,7 +179,7 @@ class SelfSortingBank(RecentFrames):
         pointer_range = min(num_frames, self.config.max_obj_ptrs_in_encoder) - 1
         frames = [(rec.memory, prompted_slot) for rec in track.conditioning.values()]
         pointers = _conditioning_pointers(self.config, track, frame, reverse)
-        for rec in self.draw(track.bank, descriptor):
+        for rec in self.draw(track.bank, descriptor, track.generator):
             distance = abs(frame - rec.frame)
             frames.append((rec.memory, min(max(distance, 1), prompted_slot) - 1))
             pointers.append(
@@ -185,12 +187,14 @@ class SelfSortingBank(RecentFrames):
             )
         return MemoryContext(frames, pointers, pointer_range)
 
-    def draw(self, bank: list[FrameRecord], descriptor: torch.Tensor | None) -> list[FrameRecord]:
+    def draw(
+        self, bank: list[FrameRecord], descriptor: torch.Tensor | None, generator: torch.Generator
+    ) -> list[FrameRecord]:
         """The entries attended for the current frame (Eqs. 4-5)."""
         if not bank or not self.options.resample or descriptor is None:
             return list(bank)
         weights = self.sampling_weights(bank, descriptor)
-        picks = torch.multinomial(weights, self.capacity, replacement=True, generator=self.generator)
+        picks = torch.multinomial(weights, self.capacity, replacement=True, generator=generator)
         return [bank[i] for i in picks.tolist()]
 
     @staticmethod
@@ -241,9 +245,12 @@ def _conditioning_pointers(
     return pointers
 
 
-def make_policy(
-    config: ModelConfig, options: MemoryOptions, generator: torch.Generator
-) -> RecentFrames | SelfSortingBank:
+def make_policy(config: ModelConfig, options: MemoryOptions) -> RecentFrames | SelfSortingBank:
     if MemoryPolicy(options.policy) is MemoryPolicy.RECENT:
         return RecentFrames(config)
-    return SelfSortingBank(config, options, generator)
+    return SelfSortingBank(config, options)
+
+
+def object_generator(seed: int, obj_id: int) -> torch.Generator:
+    """The generator of one object's random draws, fixed by the session's ``seed`` and the object's id."""
+    return torch.Generator().manual_seed(hash((seed, obj_id)) % 2**63)

@@ -11,7 +11,7 @@ import torch
 
 from .errors import InputError
 from .frames import FrameStack
-from .memory import FrameRecord, MemoryOptions, ObjectTrack, frame_descriptor, make_policy
+from .memory import FrameRecord, MemoryOptions, ObjectTrack, frame_descriptor, make_policy, object_generator
 from .model.sam2 import ImageFeatures, MaskPrediction, Memory, SAM2Model
 
 # Previous logits fed back with new clicks are clipped so that a confident old answer can still be changed.
@@ -48,8 +48,7 @@ class Session:
         self.frames = FrameStack(frames, model.config)
         self.options = memory or MemoryOptions()
         self.seed = seed
-        self.generator = torch.Generator().manual_seed(seed)
-        self.policy = make_policy(model.config, self.options, self.generator)
+        self.policy = make_policy(model.config, self.options)
         self.tracks: dict[int, ObjectTrack] = {}
         self._features: OrderedDict[int, ImageFeatures] = OrderedDict()
         self._descriptors: dict[int, torch.Tensor] = {}
@@ -88,7 +87,9 @@ class Session:
         if mask is None and points_in is None:
             raise InputError("A prompt needs points, a box or a mask")
         mask_in = None if mask is None else self._mask_input(mask)
-        track = self.tracks.get(int(obj_id)) or ObjectTrack(int(obj_id))
+        track = self.tracks.get(int(obj_id)) or ObjectTrack(
+            int(obj_id), generator=object_generator(self.seed, int(obj_id))
+        )
         with self._precision():
             prediction = self._predict_prompt(track, frame, points_in, mask_in)
         track.prompts[frame] = {"points": points_in} if mask_in is None else {"mask": mask_in}
@@ -291,7 +292,6 @@ class Session:
     def reset(self) -> None:
         """Forget all objects, prompts and results (cached image features are kept)."""
         self.tracks.clear()
-        self.generator.manual_seed(self.seed)
 
     def _precision(self) -> contextlib.AbstractContextManager:
         """Autocast around model calls when the model was loaded for reduced precision (CUDA only)."""

@@ -43,7 +43,15 @@ class ConvBN(nn.Module):
         self.bn = nn.BatchNorm2d(out_chans)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.c(x))
+        if self.training:
+            return self.bn(self.c(x))
+        # In eval mode the batch norm is a per-channel affine map: folded into the convolution's weights it
+        # costs no pass over the activations, which are large at the pointwise stem's full resolution.
+        bn = self.bn
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        weight = self.c.weight * scale.view(-1, 1, 1, 1)
+        bias = bn.bias - bn.running_mean * scale
+        return F.conv2d(x, weight, bias, self.c.stride, self.c.padding, self.c.dilation, self.c.groups)
 
 
 class PatchEmbed(nn.Module):

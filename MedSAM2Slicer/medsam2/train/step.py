@@ -140,8 +140,8 @@ def run_sequence(
     batch, frames = masks.shape[:2]
     position = position_encoding(model)(features[:1]).to(features.dtype)
     options = memory or MemoryOptions(policy="recent")
-    policy = make_policy(config, options, torch.Generator().manual_seed(seed))
-    track = ObjectTrack(obj_id=1)
+    policy = make_policy(config, options)
+    track = ObjectTrack(obj_id=1, generator=torch.Generator().manual_seed(seed))
     policy.start_pass(track)
     totals, outputs = LossTotals(), []
 
