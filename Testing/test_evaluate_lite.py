@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import io
 import math
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -142,3 +145,37 @@ def test_totalsegmentator_volumes_are_read_from_the_sdist_with_their_class_names
         "TotalSegmentator CT",
         "TotalSegmentator MR",
     ]
+
+
+_KILLED_PARENT = """
+import multiprocessing, os, sys
+from concurrent.futures import ProcessPoolExecutor
+from medsam2.train.evaluate import exit_with_parent
+
+if __name__ == "__main__":
+    context = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(1, mp_context=context, initializer=exit_with_parent, initargs=(os.getpid(), 0.1))
+    print(pool.submit(os.getpid).result(), flush=True)
+    os.kill(os.getpid(), 9)  # no clean-up of any kind: the worker is left running
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has ended; only its exit status waits to be collected
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_pool_workers_end_when_the_evaluation_process_is_killed(tmp_path):
+    script = tmp_path / "parent.py"
+    script.write_text(_KILLED_PARENT)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -9, done.stderr
+    worker = int(done.stdout.split()[0])
+    deadline = time.monotonic() + 15
+    while _running(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(worker)

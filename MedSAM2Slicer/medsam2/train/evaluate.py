@@ -31,8 +31,10 @@ from __future__ import annotations
 import ast
 import contextlib
 import hashlib
+import os
 import tarfile
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -378,6 +380,21 @@ def load_models(weights: Path, litemedsam: str | Path | None = None) -> tuple[SA
     return model.eval(), litemedsam_model(litemedsam)
 
 
+def exit_with_parent(parent_pid: int, poll_seconds: float = 1.0) -> None:
+    """A worker's initializer: end the worker once its parent has gone.
+
+    A pool's workers outlive a parent that was killed; left running, they would share the CPU with the next
+    run and inflate its timings.
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_seconds)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _run_job(job: str, weights: Path, litemedsam: str | Path | None, data_dir: Path, threads: int) -> dict:
     """One volume's evaluation, or the 2D one-prompt setting (a worker process's whole task)."""
     torch.set_num_threads(threads)
@@ -404,7 +421,10 @@ def evaluate(
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(
+            jobs, mp_context=context, initializer=exit_with_parent, initargs=(os.getpid(),)
+        ) as pool:
             futures = {name: pool.submit(_run_job, name, *args, 1) for name in names}
             done = {name: future.result() for name, future in futures.items()}
     else:
