@@ -401,6 +401,8 @@ def test_bad_prompts_are_refused_when_made(kwargs, message):
         ({"roi": "tight"}, "roi must be"),
         ({"window": "liver"}, "Unknown window"),
         ({"modality": "xray"}, "Unknown modality"),
+        ({"spacing": (1.0, 0.0, 1.0)}, "spacing must be three positive"),
+        ({"spacing": (1.0, 1.0)}, "spacing must be three positive"),
     ],
 )
 def test_bad_options_are_refused(absent_model, kwargs, message):

@@ -106,11 +106,13 @@ def segment_volume(
 
     ``orientations``: 1 (prompt axis, forward only), 2 (prompt axis, both directions) or 6 (all three axes,
     both directions). ``aggregate``: ``"mean"`` probability or ``"majority"`` vote. ``roi="auto"`` lets the
-    extra axes visit only the slices where the first pass found the objects, plus a margin (``None``: every
-    slice); slices are always whole, as the models saw them in training.
-    ``early_stop`` ends a direction once every object has been absent for a few slices past the prompts.
-    ``spacing`` (z, y, x in mm) widens that margin to at least 5 mm. ``progress(done, total, message)`` is
-    called as frames complete; setting ``cancel`` stops within one frame with :class:`Cancelled`.
+    extra axes visit only the slices where the first pass found the objects, plus a margin (at least 5 mm
+    when ``spacing`` is given; ``None``: every slice); slices are always whole, as the models saw them in
+    training. ``early_stop`` ends a direction once every object has been absent for a few slices past the
+    prompts. ``spacing`` (z, y, x in mm) also shows the model the slices of an anisotropic volume in their
+    true proportions (models that keep the aspect ratio, e.g. ``medsam2-lite``).
+    ``progress(done, total, message)`` is called as frames complete; setting ``cancel`` stops within one
+    frame with :class:`Cancelled`.
     """
     started = time.perf_counter()
     volume = _checked_volume(volume)
@@ -123,13 +125,17 @@ def segment_volume(
         raise InputError(f"aggregate must be 'mean' or 'majority', got {aggregate!r}") from None
     if roi not in ("auto", None):
         raise InputError(f"roi must be 'auto' or None, got {roi!r}")
+    if spacing is not None:
+        spacing = _checked_spacing(spacing)
     memory = memory or MemoryOptions()
     intensities = prepare_intensities(volume, modality=modality, window=window)
     obj_ids = sorted({p.obj_id for p in prompts})
     votes = _Votes(volume.shape, obj_ids, aggregation)
     result = VolumeResult(np.zeros(volume.shape, np.uint8), {})
     result.timings["prepare"] = time.perf_counter() - started
-    runner = _PassRunner(model, intensities, memory, seed, votes, result, progress, cancel, early_stop)
+    runner = _PassRunner(
+        model, intensities, spacing, memory, seed, votes, result, progress, cancel, early_stop
+    )
 
     primary_axis: dict[int, int] = {}
     for p in prompts:
@@ -176,6 +182,7 @@ class _PassRunner:
         self,
         model: SAM2Model,
         intensities: np.ndarray,
+        spacing: Sequence[float] | None,
         memory: MemoryOptions,
         seed: int,
         votes: _Votes,
@@ -184,7 +191,8 @@ class _PassRunner:
         cancel: threading.Event | None,
         early_stop: bool,
     ) -> None:
-        self.model, self.intensities, self.memory, self.seed = model, intensities, memory, seed
+        self.model, self.intensities, self.spacing = model, intensities, spacing
+        self.memory, self.seed = memory, seed
         self.votes, self.result, self.progress, self.cancel = votes, result, progress, cancel
         self.early_stop = early_stop
         self.done, self.total = 0, 1
@@ -220,7 +228,12 @@ class _PassRunner:
         started = time.perf_counter()
         frames = np.moveaxis(self.intensities, axis, 0)
         first, last = slices or (0, frames.shape[0])
-        session = Session(self.model, frames[first:last], memory=self.memory, seed=self.seed)
+        pixel_spacing = None
+        if self.spacing is not None:
+            pixel_spacing = tuple(float(s) for a, s in enumerate(self.spacing) if a != axis)
+        session = Session(
+            self.model, frames[first:last], memory=self.memory, seed=self.seed, pixel_spacing=pixel_spacing
+        )
         prompted = set()
         for p in prompts:
             index = p.index - first
@@ -342,6 +355,13 @@ def _checked_volume(volume: np.ndarray) -> np.ndarray:
     if min(volume.shape) < 2:
         raise InputError(f"The volume {volume.shape} needs at least 2 voxels along every axis")
     return volume
+
+
+def _checked_spacing(spacing: Sequence[float]) -> tuple[float, float, float]:
+    values = np.asarray(spacing, dtype=np.float64).reshape(-1)
+    if values.shape != (3,) or not np.all(np.isfinite(values)) or np.any(values <= 0):
+        raise InputError(f"spacing must be three positive numbers (z, y, x in mm), got {spacing!r}")
+    return tuple(float(v) for v in values)
 
 
 def _checked_prompts(prompts: Sequence[Prompt], shape: tuple[int, ...]) -> list[Prompt]:
