@@ -162,6 +162,20 @@ def test_each_object_is_averaged_over_its_own_passes():
     assert (_labels(p, [1, 2])[0] == 1).all()
 
 
+def test_slices_a_pass_did_not_reach_are_votes_for_background():
+    """An axis that stopped early (or skipped slices outside the ROI) had found the object ended there: a
+    confident guess of another axis on those slices must not stand alone."""
+    votes = _Votes((3, 2, 2), [1], Aggregation.MEAN)
+    votes.add(0, 0, {1: np.full((2, 2), 0.9, np.float32)})  # the axial pass reached slice 0 only
+    votes.add_background(0, 1, [1, 2])
+    for column in range(2):  # the sagittal pass reached every slice and says "object" everywhere
+        votes.add(2, column, {1: np.full((3, 2), 0.9, np.float32)})
+    p = votes.result()[1]
+    np.testing.assert_allclose(p[0], 0.9)
+    np.testing.assert_allclose(p[1:], 0.45)
+    assert _labels({1: p}, [1])[1:].sum() == 0
+
+
 def test_labels_pick_the_most_probable_object_above_one_half():
     p1 = np.array([[[0.9, 0.6, 0.2, 0.5]]], np.float32)
     p2 = np.array([[[0.7, 0.8, 0.3, 0.4]]], np.float32)

@@ -2,8 +2,10 @@
 
 Pass 1 tracks every object from its prompts along its prompt axis, forward and reverse. Each further axis is
 seeded with a mask prompt: the first pass's result on that axis's slice of largest cross-section; the user's
-prompts on that axis are added as corrections. A voxel's probability is the mean over the passes that visited
-it (or the majority of their votes), except on the slices the user prompted: they keep what the prompt gave.
+prompts on that axis are added as corrections. Each axis that tracked an object votes on every voxel: a slice
+its passes did not reach (past an early stop, outside the ROI) is a vote for background, since the pass had
+found the object ended there. A voxel's probability is the mean of the votes (or the share of positive votes),
+except on the slices the user prompted: they keep what the prompt gave.
 """
 
 from __future__ import annotations
@@ -53,9 +55,9 @@ class VolumeResult:
 
 
 class _Votes:
-    """Per-object running sums of the passes' probabilities (or positive votes) and of the number of passes.
+    """Per-object running sums of the passes' probabilities (or positive votes) and of the number of votes.
 
-    Passes are counted per object: a pass along one axis may track only some of the objects, and must not
+    Votes are counted per object: a pass along one axis may track only some of the objects, and must not
     dilute the others' votes.
     """
 
@@ -71,6 +73,11 @@ class _Votes:
             vote = (prob > 0.5).astype(np.float32) if self.aggregate is Aggregation.MAJORITY else prob
             self.total[obj_id][where] += vote
             self.count[obj_id][where] += 1
+
+    def add_background(self, axis: int, obj_id: int, indices: Iterable[int]) -> None:
+        """A background vote for ``obj_id`` on slices ``indices`` of ``axis``, which its passes did not reach."""
+        for index in indices:
+            self.count[obj_id][_slice_index(axis, index)] += 1
 
     def result(self) -> dict[int, np.ndarray]:
         return {
@@ -245,9 +252,16 @@ class _PassRunner:
             prompted.add(index)
         name = ("axial", "coronal", "sagittal")[axis]
         keep = {(p.index - first, p.obj_id) for p in user_prompts}
-        self._direction(session, axis, first, min(prompted), max(prompted), False, f"{name} forward", keep)
+        reached: dict[int, set[int]] = {p.obj_id: set() for p in prompts}
+        self._direction(
+            session, axis, first, min(prompted), max(prompted), False, f"{name} forward", keep, reached
+        )
         if both_directions:
-            self._direction(session, axis, first, max(prompted), min(prompted), True, f"{name} reverse", keep)
+            self._direction(
+                session, axis, first, max(prompted), min(prompted), True, f"{name} reverse", keep, reached
+            )
+        for obj_id, indices in reached.items():
+            self.votes.add_background(axis, obj_id, set(range(frames.shape[0])) - indices)
         self.result.frames_encoded += session.frames_encoded
         self.result.timings[f"{name}"] = self.result.timings.get(name, 0.0) + time.perf_counter() - started
 
@@ -261,6 +275,7 @@ class _PassRunner:
         reverse: bool,
         name: str,
         keep: set[tuple[int, int]],
+        reached: dict[int, set[int]],
     ) -> None:
         absent_run, visited = 0, 0
         # An object whose own prompt lies further on has no box to track and no memory yet: a guess there
@@ -270,6 +285,7 @@ class _PassRunner:
             probabilities = {obj_id: _sigmoid(x) for obj_id, x in logits.items()}
             self.votes.add(axis, offset + t, probabilities)
             for obj_id, prob in probabilities.items():
+                reached[obj_id].add(offset + t)
                 if (t, obj_id) in keep:
                     self.prompted[(axis, offset + t, obj_id)] = prob
             visited += 1
