@@ -304,6 +304,21 @@ def test_session_bank_admits_only_confident_present_frames(present_model, frames
     assert strict.tracks[1].bank == []
 
 
+def test_memory_is_encoded_only_for_the_frames_that_enter_the_bank(present_model, frames):
+    """Memory encoding costs about as much as decoding; a frame that never enters the bank is never
+    attended, so its memory is not encoded."""
+    shuffled = frames[[0, 5, 2, 8, 1, 9, 3, 7, 4, 6]]  # in a steady drift the newest frame is always kept
+    session, _ = _run(present_model, shuffled, seed=0, confidence_threshold=0.0, capacity=2)
+    track = session.tracks[1]
+    encoded = {t for t, record in track.tracked.items() if record.memory is not None}
+    assert {r.frame for r in track.bank} <= encoded
+    assert len(encoded) < len(track.tracked)
+    gated, _ = _run(present_model, frames, seed=0, confidence_threshold=0.99)
+    assert all(record.memory is None for record in gated.tracks[1].tracked.values())
+    recent, _ = _run(present_model, frames, seed=0, policy="recent")
+    assert all(record.memory is not None for record in recent.tracks[1].tracked.values())
+
+
 def test_session_attends_prompted_frames_and_true_distances(present_model, frames, monkeypatch):
     """Every tracked frame's real MemoryContext holds both prompted frames, and bank entries in the slot
     of their true frame distance."""

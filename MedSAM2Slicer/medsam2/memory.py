@@ -153,6 +153,11 @@ class RecentFrames:
     def observe(self, track: ObjectTrack, record: FrameRecord) -> None:
         """Called after a frame is tracked; the recent rule keeps no state of its own."""
 
+    def attends(self, track: ObjectTrack, record: FrameRecord) -> bool:
+        """Whether a later frame may attend to ``record`` (after :meth:`observe`): only then is its memory
+        encoded. Under the recent rule, the next frames attend to every tracked frame."""
+        return True
+
 
 class SelfSortingBank(RecentFrames):
     """MedSAM-2's self-sorting memory bank (paper Eqs. 2-5).
@@ -205,6 +210,10 @@ class SelfSortingBank(RecentFrames):
         if weights.sum() <= 0:
             return torch.ones(len(bank), dtype=torch.float64)
         return weights
+
+    def attends(self, track: ObjectTrack, record: FrameRecord) -> bool:
+        """Only the bank's entries are attended (besides the prompted frames)."""
+        return any(entry is record for entry in track.bank)
 
     def observe(self, track: ObjectTrack, record: FrameRecord) -> None:
         """Eqs. 2-3: a confident, present prediction joins; the bank keeps the most dissimilar entries."""

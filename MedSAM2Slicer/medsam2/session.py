@@ -251,11 +251,12 @@ class Session:
         context = self.policy.context(track, t, reverse, self.num_frames, self._descriptors.get(t))
         prediction = self.model.track(features, context, previous)
         record = self._record(t, prediction)
-        record.memory = self._memory(
-            features, prediction.high_res_logits, prediction.object_score, binarize=False
-        )
         track.tracked[t] = record
         self.policy.observe(track, record)
+        if self.policy.attends(track, record):
+            record.memory = self._memory(
+                features, prediction.high_res_logits, prediction.object_score, binarize=False
+            )
         return record
 
     def _tracking_neighbour(self, track: ObjectTrack, t: int, reverse: bool) -> torch.Tensor | None:
