@@ -19,7 +19,15 @@ from golden import golden_model
 import medsam2
 from medsam2 import InputError, Prompt
 from medsam2.io import read_image
-from medsam2.volume import _ROI_MARGIN_FRACTION, _ROI_MARGIN_VOXELS, Aggregation, _labels, _Votes
+from medsam2.volume import (
+    _ROI_MARGIN_FRACTION,
+    _ROI_MARGIN_VOXELS,
+    Aggregation,
+    _inside_box,
+    _labels,
+    _roi_box,
+    _Votes,
+)
 
 SLICERIO_DATA = Path(__import__("slicerio").__file__).parent / "data"
 SHAPE = (14, 18, 22)  # every axis a different length, so a slice taken on the wrong axis cannot fit
@@ -224,6 +232,31 @@ def test_auto_roi_visits_only_the_slices_around_the_first_pass(absent_model):
     # The absent model finds only the prompted slice, whatever is skipped.
     for r in (whole, roi):
         assert np.flatnonzero(r.labels.any(axis=(1, 2))).tolist() == [index]
+
+
+def test_the_vote_box_is_the_first_pass_extent_with_a_margin_on_every_axis():
+    found = np.zeros((40, 50, 60), bool)
+    found[10:30, 20:22, 5:45] = True
+    z, y, x = _roi_box(found, None)
+    assert (z.start, z.stop) == (10 - 4, 30 + 4)  # 15 % of 20 voxels is 3: the 4-voxel floor applies
+    assert (y.start, y.stop) == (20 - 4, 22 + 4)
+    assert (x.start, x.stop) == (0, 45 + 6)  # 15 % of 40 voxels, clipped to the volume at 0
+    z, y, x = _roi_box(found, spacing=(1.0, 0.5, 2.0))  # at least 5 mm: 5, 10 and 3 voxels
+    assert (z.start, y.start, y.stop) == (5, 10, 32) and (x.start, x.stop) == (0, 51)
+    assert _roi_box(np.zeros((4, 4, 4), bool), None) is None
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_extra_axis_votes_outside_the_box_are_background(axis):
+    box = (slice(2, 5), slice(1, 3), slice(4, 8))
+    shape = [s for a, s in enumerate((6, 7, 9)) if a != axis]
+    prob = np.full(shape, 0.8, np.float32)
+    inside = _inside_box(prob, box, axis, index=box[axis].start)
+    expected = np.zeros(shape, np.float32)
+    rows, cols = (box[a] for a in range(3) if a != axis)
+    expected[rows, cols] = 0.8
+    np.testing.assert_array_equal(inside, expected)
+    assert not _inside_box(prob, box, axis, index=box[axis].stop).any()  # a slice past the box
 
 
 def test_objects_prompted_on_different_axes_keep_their_own_votes(absent_model):

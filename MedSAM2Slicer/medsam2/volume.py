@@ -4,8 +4,10 @@ Pass 1 tracks every object from its prompts along its prompt axis, forward and r
 seeded with a mask prompt: the first pass's result on that axis's slice of largest cross-section; the user's
 prompts on that axis are added as corrections. Each axis that tracked an object votes on every voxel: a slice
 its passes did not reach (past an early stop, outside the ROI) is a vote for background, since the pass had
-found the object ended there. A voxel's probability is the mean of the votes (or the share of positive votes),
-except on the slices the user prompted: they keep what the prompt gave.
+found the object ended there. With ``roi="auto"`` an extra axis also votes background outside the object's
+box: the first pass's extent plus a margin (a leak far from it must not stand on two extra axes' votes). A
+voxel's probability is the mean of the votes (or the share of positive votes), except on the slices the user
+prompted: they keep what the prompt gave.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .prompts import Prompt
 from .session import Session
 
 ProgressCallback = Callable[[int, int, str], None]
+Box = tuple[slice, slice, slice]  # a [Z, Y, X] box of voxels
 
 # A direction stops after this many consecutive frames without any object, once past every prompt.
 _ABSENT_FRAMES_TO_STOP = 3
@@ -114,9 +117,10 @@ def segment_volume(
     ``orientations``: 1 (prompt axis, forward only), 2 (prompt axis, both directions) or 6 (all three axes,
     both directions). ``aggregate``: ``"mean"`` probability or ``"majority"`` vote. ``roi="auto"`` lets the
     extra axes visit only the slices where the first pass found the objects, plus a margin (at least 5 mm
-    when ``spacing`` is given; ``None``: every slice); slices are always whole, as the models saw them in
-    training. ``early_stop`` ends a direction once every object has been absent for a few slices past the
-    prompts. ``spacing`` (z, y, x in mm) also shows the model the slices of an anisotropic volume in their
+    when ``spacing`` is given), and count their votes only inside each object's first-pass box plus that
+    margin (``None``: every slice, every vote); the model always sees whole slices, as in training.
+    ``early_stop`` ends a direction once every object has been absent for a few slices past the prompts.
+    ``spacing`` (z, y, x in mm) also shows the model the slices of an anisotropic volume in their
     true proportions (models that keep the aspect ratio, e.g. ``medsam2-lite``).
     ``progress(done, total, message)`` is called as frames complete; setting ``cancel`` stops within one
     frame with :class:`Cancelled`.
@@ -166,12 +170,21 @@ def segment_volume(
             seeds = _seed_prompts({o: first_pass[o] for o in objects}, axis)
             if not seeds and not extra:
                 continue
-            slices = None
+            slices, vote_boxes = None, {}
             if roi == "auto":
-                slices = _roi_slices(
-                    [first_pass[o] for o in objects], axis, spacing, [p.index for p in extra]
-                )
-            runner.run_axis(axis, seeds + extra, slices=slices, both_directions=True, user_prompts=extra)
+                boxes = {o: _roi_box(first_pass[o] > 0.5, spacing) for o in objects}
+                slices = _roi_slices([b for b in boxes.values() if b], axis, [p.index for p in extra])
+                # The user's own prompts on this axis may reach past what the first pass found.
+                corrected = {p.obj_id for p in extra}
+                vote_boxes = {o: b for o, b in boxes.items() if b and o not in corrected}
+            runner.run_axis(
+                axis,
+                seeds + extra,
+                slices=slices,
+                both_directions=True,
+                user_prompts=extra,
+                vote_boxes=vote_boxes,
+            )
 
     probabilities = votes.result()
     runner.restore_prompted_slices(probabilities)
@@ -180,6 +193,19 @@ def segment_volume(
     runner.finish()
     result.timings["total"] = time.perf_counter() - started
     return result
+
+
+@dataclass
+class _AxisRun:
+    """One run along ``axis`` over the frames from ``offset`` on: ``keep`` holds the (frame, object) pairs the
+    user prompted, ``boxes`` the objects' vote boxes, ``reached`` the volume slices each object's passes
+    reached."""
+
+    axis: int
+    offset: int
+    keep: set[tuple[int, int]]
+    boxes: dict[int, Box]
+    reached: dict[int, set[int]]
 
 
 class _PassRunner:
@@ -227,11 +253,13 @@ class _PassRunner:
         slices: tuple[int, int] | None,
         both_directions: bool,
         user_prompts: list[Prompt],
+        vote_boxes: dict[int, Box] | None = None,
     ) -> None:
         """Track along ``axis``, over the slice range ``slices`` (``None``: all).
 
         ``user_prompts`` (among ``prompts``; the others are seeds from an earlier pass) mark the slices whose
-        result is kept as the prompt gave it."""
+        result is kept as the prompt gave it. An object with a box in ``vote_boxes`` votes background outside
+        it."""
         started = time.perf_counter()
         frames = np.moveaxis(self.intensities, axis, 0)
         first, last = slices or (0, frames.shape[0])
@@ -251,43 +279,30 @@ class _PassRunner:
                 session.add_prompt(index, obj_id=p.obj_id, points=p.points, labels=p.labels, box=p.box)
             prompted.add(index)
         name = ("axial", "coronal", "sagittal")[axis]
-        keep = {(p.index - first, p.obj_id) for p in user_prompts}
-        reached: dict[int, set[int]] = {p.obj_id: set() for p in prompts}
-        self._direction(
-            session, axis, first, min(prompted), max(prompted), False, f"{name} forward", keep, reached
+        run = _AxisRun(
+            axis=axis,
+            offset=first,
+            keep={(p.index - first, p.obj_id) for p in user_prompts},
+            boxes=vote_boxes or {},
+            reached={p.obj_id: set() for p in prompts},
         )
+        self._direction(session, run, min(prompted), max(prompted), False, f"{name} forward")
         if both_directions:
-            self._direction(
-                session, axis, first, max(prompted), min(prompted), True, f"{name} reverse", keep, reached
-            )
-        for obj_id, indices in reached.items():
+            self._direction(session, run, max(prompted), min(prompted), True, f"{name} reverse")
+        for obj_id, indices in run.reached.items():
             self.votes.add_background(axis, obj_id, set(range(frames.shape[0])) - indices)
         self.result.frames_encoded += session.frames_encoded
         self.result.timings[f"{name}"] = self.result.timings.get(name, 0.0) + time.perf_counter() - started
 
     def _direction(
-        self,
-        session: Session,
-        axis: int,
-        offset: int,
-        start: int,
-        last_prompt: int,
-        reverse: bool,
-        name: str,
-        keep: set[tuple[int, int]],
-        reached: dict[int, set[int]],
+        self, session: Session, run: _AxisRun, start: int, last_prompt: int, reverse: bool, name: str
     ) -> None:
         absent_run, visited = 0, 0
         # An object whose own prompt lies further on has no box to track and no memory yet: a guess there
         # would vote, and would enter its memory.
         for t, logits in session.propagate(start=start, reverse=reverse, from_own_prompts=True):
             self._check_cancel()
-            probabilities = {obj_id: _sigmoid(x) for obj_id, x in logits.items()}
-            self.votes.add(axis, offset + t, probabilities)
-            for obj_id, prob in probabilities.items():
-                reached[obj_id].add(offset + t)
-                if (t, obj_id) in keep:
-                    self.prompted[(axis, offset + t, obj_id)] = prob
+            self._vote(run, t, {obj_id: _sigmoid(x) for obj_id, x in logits.items()})
             visited += 1
             self.done += 1
             if self.progress is not None:
@@ -299,6 +314,17 @@ class _PassRunner:
                 break
         # An axis can run twice (for objects prompted on it, then as an extra axis for the others).
         self.result.frames_visited[name] = self.result.frames_visited.get(name, 0) + visited
+
+    def _vote(self, run: _AxisRun, t: int, probabilities: dict[int, np.ndarray]) -> None:
+        index = run.offset + t
+        for obj_id, prob in probabilities.items():
+            box = run.boxes.get(obj_id)
+            if box is not None:
+                probabilities[obj_id] = _inside_box(prob, box, run.axis, index)
+            run.reached[obj_id].add(index)
+            if (t, obj_id) in run.keep:
+                self.prompted[(run.axis, index, obj_id)] = probabilities[obj_id]
+        self.votes.add(run.axis, index, probabilities)
 
     def _check_cancel(self) -> None:
         if self.cancel is not None and self.cancel.is_set():
@@ -322,28 +348,40 @@ def _seed_prompts(first_pass: dict[int, np.ndarray], axis: int) -> list[Prompt]:
     return seeds
 
 
-def _roi_slices(
-    first_pass: list[np.ndarray],
-    axis: int,
-    spacing: Sequence[float] | None,
-    prompt_slices: list[int],
-) -> tuple[int, int] | None:
-    """The range of ``axis`` slices where the first pass found the objects, with a margin, and taking in the
-    slices the user prompted on this axis; ``None`` when the first pass found nothing."""
-    found = np.zeros(first_pass[0].shape, bool)
-    for prob in first_pass:
-        found |= prob > 0.5
+def _roi_box(found: np.ndarray, spacing: Sequence[float] | None) -> Box | None:
+    """The bounding box of the voxels where ``found`` ``[Z, Y, X]``, grown on each axis by a margin (a
+    fraction of the extent, some voxels, and at least 5 mm when ``spacing`` is known); ``None`` if empty."""
     if not found.any():
         return None
-    hits = np.flatnonzero(found.any(axis=tuple(b for b in range(3) if b != axis)))
-    lo, hi = int(hits[0]), int(hits[-1]) + 1
-    margin = max(int(np.ceil(_ROI_MARGIN_FRACTION * (hi - lo))), _ROI_MARGIN_VOXELS)
-    if spacing is not None:
-        margin = max(margin, int(np.ceil(5.0 / float(spacing[axis]))))
-    lo, hi = max(lo - margin, 0), min(hi + margin, found.shape[axis])
+    box = []
+    for axis in range(3):
+        hits = np.flatnonzero(found.any(axis=tuple(b for b in range(3) if b != axis)))
+        lo, hi = int(hits[0]), int(hits[-1]) + 1
+        margin = max(int(np.ceil(_ROI_MARGIN_FRACTION * (hi - lo))), _ROI_MARGIN_VOXELS)
+        if spacing is not None:
+            margin = max(margin, int(np.ceil(5.0 / float(spacing[axis]))))
+        box.append(slice(max(lo - margin, 0), min(hi + margin, found.shape[axis])))
+    return tuple(box)
+
+
+def _roi_slices(boxes: list[Box], axis: int, prompt_slices: list[int]) -> tuple[int, int] | None:
+    """The range of ``axis`` slices that the objects' boxes span, taking in the slices the user prompted on
+    this axis; ``None`` (every slice) when there is no box."""
+    if not boxes:
+        return None
+    lo, hi = min(b[axis].start for b in boxes), max(b[axis].stop for b in boxes)
     if prompt_slices:
         lo, hi = min(lo, *prompt_slices), max(hi, max(prompt_slices) + 1)
     return lo, hi
+
+
+def _inside_box(probability: np.ndarray, box: Box, axis: int, index: int) -> np.ndarray:
+    """``probability`` on slice ``index`` of ``axis``, set to 0 outside ``box``."""
+    inside = np.zeros_like(probability)
+    if box[axis].start <= index < box[axis].stop:
+        rows, cols = (box[a] for a in range(3) if a != axis)
+        inside[rows, cols] = probability[rows, cols]
+    return inside
 
 
 def _labels(probabilities: dict[int, np.ndarray], obj_ids: list[int]) -> np.ndarray:
