@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 import medsam2
@@ -44,30 +43,3 @@ def test_sam2_input_is_stretched_and_imagenet_normalised():
     expected = (0.5 - np.array(PIXEL_MEAN)) / np.array(PIXEL_STD)
     np.testing.assert_allclose(x[0, :, 5, 5].numpy(), expected, rtol=1e-6)
     assert x.shape == (1, 3, 128, 128)
-
-
-def test_lite_content_follows_the_physical_extent_of_anisotropic_pixels():
-    """A coronal slice of a thick-slice CT: 34 rows of 10 mm, 128 columns of 3.05 mm (CTChest4)."""
-    frames = np.random.default_rng(0).uniform(0, 1, size=(2, 34, 128)).astype(np.float32)
-    assert FrameStack(frames, LITE).content == (68, 256)  # pixel counts: the anatomy squashed 3.3x
-    stack = FrameStack(frames, LITE, pixel_spacing=(10.0, 3.05))
-    assert stack.content == (223, 256)  # 340 mm x 390 mm
-    np.testing.assert_allclose(stack.to_model_coords([[128, 34]]), [[256, 223]])
-    mask = np.zeros((34, 128), bool)
-    mask[10:25, 30:90] = True
-    model_mask = stack.mask_to_model(mask, torch.device("cpu"))
-    assert model_mask[0, 0, :223].any() and not model_mask[0, 0, 223:].any()
-    rows = np.flatnonzero(model_mask[0, 0].any(dim=1).numpy())
-    assert abs(rows[0] - 10 * 223 / 34) <= 1 and abs(rows[-1] + 1 - 25 * 223 / 34) <= 1
-    back = stack.logits_to_frame(model_mask * 20 - 10)[0].numpy() > 0
-    np.testing.assert_array_equal(back, mask)
-    # Equal spacings change nothing; SAM 2's stretch to S x S ignores the spacing.
-    assert FrameStack(frames, LITE, pixel_spacing=(2.0, 2.0)).content == (68, 256)
-    sam2 = medsam2.ModelConfig.preset("sam2.1_hiera_t", image_size=128)
-    assert FrameStack(frames, sam2, pixel_spacing=(10.0, 3.05)).content == (128, 128)
-
-
-@pytest.mark.parametrize("spacing", [(0.0, 1.0), (1.0, -2.0), (float("nan"), 1.0), (1.0, 2.0, 3.0)])
-def test_bad_pixel_spacing_is_refused(spacing):
-    with pytest.raises(medsam2.InputError, match="pixel_spacing"):
-        FrameStack(np.zeros((1, 8, 8), np.float32), LITE, pixel_spacing=spacing)

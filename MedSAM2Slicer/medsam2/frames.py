@@ -20,17 +20,9 @@ class FrameStack:
     Frames are converted one at a time when the model asks for them, so a long volume is never copied whole.
     The model's input conventions come from its config: stretched to ``S x S`` with ImageNet statistics
     (SAM 2), or longest side to ``S``, zero-padded at the bottom and right, min-max scaled (LiteMedSAM).
-    With the longest-side convention, ``pixel_spacing`` (row, column; e.g. mm) sizes the content by the
-    frame's physical extent: a coronal slice of a thick-slice CT then shows its anatomy in true proportion,
-    as the model saw anatomy in training, instead of squashed along the slice direction.
     """
 
-    def __init__(
-        self,
-        frames: np.ndarray | torch.Tensor,
-        config: ModelConfig,
-        pixel_spacing: tuple[float, float] | None = None,
-    ) -> None:
+    def __init__(self, frames: np.ndarray | torch.Tensor, config: ModelConfig) -> None:
         if isinstance(frames, torch.Tensor):
             frames = frames.detach().cpu().numpy()
         frames = np.asarray(frames)
@@ -53,9 +45,8 @@ class FrameStack:
         self.image_size = size = config.image_size
         self.minmax = config.input_normalization == "minmax"
         if config.input_resize == "longest_side":
-            rows, cols = _physical_extent(self.height, self.width, pixel_spacing)
-            factor = size / max(rows, cols)
-            self.content = (max(int(rows * factor + 0.5), 1), max(int(cols * factor + 0.5), 1))
+            factor = size / max(self.height, self.width)
+            self.content = (int(self.height * factor + 0.5), int(self.width * factor + 0.5))
         else:
             self.content = (size, size)
 
@@ -120,16 +111,3 @@ class FrameStack:
             align_corners=False,
         )
         return out[:, 0]
-
-
-def _physical_extent(
-    height: int, width: int, pixel_spacing: tuple[float, float] | None
-) -> tuple[float, float]:
-    """The frame's height and width in units of its finer pixel spacing (its pixel counts without one)."""
-    if pixel_spacing is None:
-        return float(height), float(width)
-    spacing = np.asarray(pixel_spacing, dtype=np.float64)
-    if spacing.shape != (2,) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
-        raise InputError(f"pixel_spacing must be two positive numbers (row, column), got {pixel_spacing!r}")
-    spacing = spacing / spacing.min()
-    return height * float(spacing[0]), width * float(spacing[1])

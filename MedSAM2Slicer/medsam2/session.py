@@ -32,8 +32,6 @@ class Session:
     ``consecutive``: the frames are neighbouring slices or video frames, so a model with a
     ``tracking_box_margin`` prompts each tracked frame with the box of its neighbour's mask; ``False`` for
     unrelated images, which then get the box of the nearest prompted frame's mask (the template's).
-    ``pixel_spacing`` (row, column): the frames' pixel size, for models that keep the aspect ratio (see
-    :class:`~medsam2.frames.FrameStack`).
     """
 
     def __init__(
@@ -44,11 +42,10 @@ class Session:
         seed: int = 0,
         feature_cache_bytes: int = _DEFAULT_FEATURE_CACHE_BYTES,
         consecutive: bool = True,
-        pixel_spacing: tuple[float, float] | None = None,
     ) -> None:
         self.model = model
         self.consecutive = consecutive
-        self.frames = FrameStack(frames, model.config, pixel_spacing)
+        self.frames = FrameStack(frames, model.config)
         self.options = memory or MemoryOptions()
         self.seed = seed
         self.policy = make_policy(model.config, self.options)

@@ -117,13 +117,11 @@ def segment_volume(
     ``orientations``: 1 (prompt axis, forward only), 2 (prompt axis, both directions) or 6 (all three axes,
     both directions). ``aggregate``: ``"mean"`` probability or ``"majority"`` vote. ``roi="auto"`` lets the
     extra axes visit only the slices where the first pass found the objects, plus a margin (at least 5 mm
-    when ``spacing`` is given), and count their votes only inside each object's first-pass box plus that
-    margin (``None``: every slice, every vote); the model always sees whole slices, as in training.
-    ``early_stop`` ends a direction once every object has been absent for a few slices past the prompts.
-    ``spacing`` (z, y, x in mm) also shows the model the slices of an anisotropic volume in their
-    true proportions (models that keep the aspect ratio, e.g. ``medsam2-lite``).
-    ``progress(done, total, message)`` is called as frames complete; setting ``cancel`` stops within one
-    frame with :class:`Cancelled`.
+    when ``spacing``, z, y, x in mm, is given), and count their votes only inside each object's first-pass
+    box plus that margin (``None``: every slice, every vote); the model always sees whole slices, as in
+    training. ``early_stop`` ends a direction once every object has been absent for a few slices past the
+    prompts. ``progress(done, total, message)`` is called as frames complete; setting ``cancel`` stops
+    within one frame with :class:`Cancelled`.
     """
     started = time.perf_counter()
     volume = _checked_volume(volume)
@@ -144,9 +142,7 @@ def segment_volume(
     votes = _Votes(volume.shape, obj_ids, aggregation)
     result = VolumeResult(np.zeros(volume.shape, np.uint8), {})
     result.timings["prepare"] = time.perf_counter() - started
-    runner = _PassRunner(
-        model, intensities, spacing, memory, seed, votes, result, progress, cancel, early_stop
-    )
+    runner = _PassRunner(model, intensities, memory, seed, votes, result, progress, cancel, early_stop)
 
     primary_axis: dict[int, int] = {}
     for p in prompts:
@@ -215,7 +211,6 @@ class _PassRunner:
         self,
         model: SAM2Model,
         intensities: np.ndarray,
-        spacing: Sequence[float] | None,
         memory: MemoryOptions,
         seed: int,
         votes: _Votes,
@@ -224,8 +219,7 @@ class _PassRunner:
         cancel: threading.Event | None,
         early_stop: bool,
     ) -> None:
-        self.model, self.intensities, self.spacing = model, intensities, spacing
-        self.memory, self.seed = memory, seed
+        self.model, self.intensities, self.memory, self.seed = model, intensities, memory, seed
         self.votes, self.result, self.progress, self.cancel = votes, result, progress, cancel
         self.early_stop = early_stop
         self.done, self.total = 0, 1
@@ -263,12 +257,7 @@ class _PassRunner:
         started = time.perf_counter()
         frames = np.moveaxis(self.intensities, axis, 0)
         first, last = slices or (0, frames.shape[0])
-        pixel_spacing = None
-        if self.spacing is not None:
-            pixel_spacing = tuple(float(s) for a, s in enumerate(self.spacing) if a != axis)
-        session = Session(
-            self.model, frames[first:last], memory=self.memory, seed=self.seed, pixel_spacing=pixel_spacing
-        )
+        session = Session(self.model, frames[first:last], memory=self.memory, seed=self.seed)
         prompted = set()
         for p in prompts:
             index = p.index - first
