@@ -55,6 +55,23 @@ def test_preset_builds_the_lite_model_with_an_object_score_head():
     assert attention.internal_dim == config.hidden_dim // config.memory_attention_downsample_rate
 
 
+def test_a_mask_prompt_answers_at_the_decoders_resolution_and_the_next_box_is_its_box():
+    """A mask prompt's logits are at the decoder's ``4h x 4w`` (256 x 256 for lite, the input's own size), so the
+    box the next slice is tracked with is the mask's box, not one rounded to a coarser grid."""
+    torch.manual_seed(0)
+    model = medsam2.build_model(medsam2.ModelConfig.preset("medsam2_lite"))
+    embedding = torch.randn(1, 256, 64, 64)
+    features = medsam2.model.sam2.ImageFeatures(embedding, torch.zeros_like(embedding), None)
+    mask = torch.zeros(1, 1, 256, 256)
+    mask[..., 10:51, 21:101] = 1.0  # rows 10..50, columns 21..100
+    with torch.inference_mode():
+        prediction = model.predict(features, None, mask=mask)
+    assert prediction.low_res_logits.shape == (1, 1, 256, 256)
+    points, _ = model.tracking_prompt(prediction.low_res_logits)
+    grow = 0.05 * 80  # 5 % of the longer side
+    torch.testing.assert_close(points[0], torch.tensor([[21 - grow, 10 - grow], [101 + grow, 51 + grow]]))
+
+
 def test_sam2_presets_are_unchanged_by_the_lite_fields():
     for name in ("sam2_hiera_t", "sam2.1_hiera_l"):
         config = medsam2.ModelConfig.preset(name)

@@ -24,6 +24,7 @@ from medsam2.litemedsam import (
     read_litemedsam_state_dict,
     split_litemedsam,
 )
+from medsam2.model import tinyvit
 from medsam2.model.tinyvit import ConvBN, TinyViT, TinyViTBlock, relative_offset_index
 
 TINY = dict(embed_dims=(8, 16, 16, 32), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), out_chans=32)
@@ -94,6 +95,26 @@ def test_batch_items_are_independent():
         together = model(images)
         alone = model(images[1:])
     torch.testing.assert_close(together[1:], alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("height", [33, 64, 90, 101])
+def test_convolutional_stage_in_row_bands_equals_the_whole_image(monkeypatch, height):
+    """At inference the convolutional stage runs a band of rows at a time (to stay in cache); the bands overlap
+    by the 3 x 3 convolutions' reach, so every output row, strided ones included, is the whole image's."""
+    torch.manual_seed(0)
+    model = TinyViT(**TINY).eval()
+    with torch.no_grad():  # non-trivial batch norms, so that folding and banding both matter
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    image = torch.rand(1, 3, height, 70)
+    with torch.inference_mode():
+        banded = model.layers[0](model.patch_embed(image))
+        monkeypatch.setattr(tinyvit, "_BAND_ROWS", 10**6)
+        whole = model.layers[0](model.patch_embed(image))
+    assert banded.shape == whole.shape == (1, 16, (height + 1) // 2, 35)
+    torch.testing.assert_close(banded, whole, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kernel_size, stride, groups", [(1, 1, 1), (3, 2, 8), (3, 1, 1)])

@@ -419,7 +419,7 @@ class SAM2Model(nn.Module):
         high_res = (mask * _MASK_PROMPT_SCALE + _MASK_PROMPT_BIAS).float()
         low_res = F.interpolate(
             high_res,
-            size=tuple(s // 4 for s in high_res.shape[-2:]),
+            size=tuple(4 * s for s in features.embedding.shape[-2:]),
             mode="bilinear",
             align_corners=False,
             antialias=True,
