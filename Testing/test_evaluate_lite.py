@@ -90,6 +90,28 @@ def test_evaluate_volume_scores_every_method_and_structure(model, volume):
     assert result["encoder"]["reused"] > 0  # (ii) and (iii) visit slices that (i) encoded
 
 
+def test_structures_are_segmented_together_in_the_window_they_are_read_in(model, volume, monkeypatch):
+    both = ev.HeldOutVolume(
+        "generated", volume.image, volume.spacing, "ct", volume.labels, {"organ": 3, "right lung": 3}
+    )
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append((kwargs["window"], len(args[2])))
+        return segment_volume(*args, **kwargs)
+
+    segment_volume = ev.segment_volume
+    monkeypatch.setattr(ev, "segment_volume", recording)
+    result = ev.evaluate_volume(model, both, log=lambda message: None)
+    assert result["windows"] == {"organ": None, "right lung": "lung"}
+    # Methods (i)-(iii) once per window, each with that window's one structure.
+    assert calls == [(None, 1)] * 3 + [("lung", 1)] * 3
+    for name in ("organ", "right lung"):
+        assert list(result["scores"][name]) == list(ev.METHODS)
+    # The lung window shows this soft-tissue organ differently: its reference-box answer differs.
+    assert result["scores"]["organ"] != result["scores"]["right lung"]
+
+
 def test_summary_names_the_structures_where_memory_loses():
     def scores(i, iv):
         return {m: {"dice": d, "hd95_mm": 1.0} for m, d in zip(ev.METHODS, (i, 0.5, 0.5, iv, 0.9))}

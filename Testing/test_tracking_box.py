@@ -166,3 +166,47 @@ def test_track_replaces_only_the_lost_objects_of_a_batch(box_model):
     assert tracked.object_score[1].item() < 0 and tracked.iou[1].item() == 0
     assert tracked.lost.tolist() == [False, True]
     torch.testing.assert_close(tracked.obj_ptr[1], box_model.no_obj_ptr[0])
+
+
+def test_a_guided_frame_is_tracked_with_its_guide_box_and_is_never_lost():
+    """``Session.add_guide``: the guide's box, grown by the margin, replaces the neighbour's box, also for an
+    object whose neighbour came back empty; unguided frames keep the neighbour's box (here: none, lost)."""
+    model = golden_model(presence_shift=-50.0)  # every tracked frame comes back absent
+    model.config = model.config.replace(tracking_box_margin=0.1)
+    frames = np.random.default_rng(0).random((T, H, W)).astype(np.float32)
+    session = medsam2.Session(model, frames)
+    mask = np.zeros((H, W), bool)
+    mask[6:14, 8:20] = True
+    session.add_prompt(0, mask=mask)
+    session.add_guide(3, obj_id=1, box=(4, 2, 12, 10))
+    calls = _recorded_prompts(model)
+    list(session.propagate())
+    # Frame 1 is decoded from the prompt's box and found absent, frame 2 is lost, frame 3 has its guide.
+    assert len(calls) == 2
+    sx, sy = model.image_size / W, model.image_size / H
+    x0, y0, x1, y1 = 4 * sx, 2 * sy, 12 * sx, 10 * sy
+    grow = 0.1 * max(x1 - x0, y1 - y0)
+    expected = torch.tensor([[x0 - grow, y0 - grow], [x1 + grow, y1 + grow]]).clamp(0, model.image_size)
+    torch.testing.assert_close(calls[1][0][0], expected)
+    assert session.frames_encoded == 3  # frames 0, 1 and 3
+
+
+def test_guides_need_a_prompted_object_and_models_without_a_margin_ignore_them(box_model):
+    frames = np.random.default_rng(0).random((T, H, W)).astype(np.float32)
+    session = medsam2.Session(box_model, frames)
+    with pytest.raises(medsam2.InputError, match="no prompt"):
+        session.add_guide(1, obj_id=1, box=(1, 1, 5, 5))
+    mask = np.zeros((H, W), bool)
+    mask[6:14, 8:20] = True
+    session.add_prompt(0, mask=mask)
+    with pytest.raises(medsam2.InputError, match="outside"):
+        session.add_guide(T, obj_id=1, box=(1, 1, 5, 5))
+    with pytest.raises(medsam2.InputError, match="box"):
+        session.add_guide(1, obj_id=1, box=(5, 5, 1, 1))
+    memory_only = golden_model(presence_shift=5.0)
+    guided, plain = medsam2.Session(memory_only, frames), medsam2.Session(memory_only, frames)
+    for s in (guided, plain):
+        s.add_prompt(0, mask=mask)
+    guided.add_guide(2, obj_id=1, box=(0, 0, 4, 4))
+    for (_, a), (_, b) in zip(guided.propagate(), plain.propagate()):
+        np.testing.assert_array_equal(a[1], b[1])

@@ -291,6 +291,33 @@ def test_objects_prompted_on_different_slices_are_tracked_only_from_their_own_pr
         )
 
 
+def test_a_box_tracking_model_tracks_the_other_axes_with_the_first_pass_boxes(monkeypatch):
+    """On the other axes, each slice where the first pass found the object is tracked with the box of the first
+    pass's mask there (Session.add_guide); the prompt axis is not guided."""
+    model = golden_model(presence_shift=5.0)
+    model.config = model.config.replace(tracking_box_margin=0.05)
+    volume = _synthetic()
+    prompt = Prompt(axis=0, index=4, box=(8, 2, 20, 12))
+    first_pass = medsam2.segment_volume(model, volume, [prompt], orientations=2).probabilities[1] > 0.5
+    guided = []
+    add_guide = medsam2.Session.add_guide
+
+    def recording(session, frame, obj_id, box):
+        guided.append((session.frames.frames.shape, frame, tuple(box)))
+        add_guide(session, frame, obj_id, box)
+
+    monkeypatch.setattr(medsam2.Session, "add_guide", recording)
+    medsam2.segment_volume(model, volume, [prompt], orientations=6, roi=None)
+    for axis in (1, 2):
+        mask = np.moveaxis(first_pass, axis, 0)
+        expected = []
+        for t in np.flatnonzero(mask.any(axis=(1, 2))):
+            rows, cols = np.nonzero(mask[t])
+            expected.append((mask.shape, t, (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1)))
+        assert [g for g in guided if g[0] == mask.shape] == expected
+    assert len(guided) == sum(first_pass.any(axis=a).sum() for a in ((0, 2), (0, 1))) > 0
+
+
 def test_prompted_slices_keep_the_prompt_but_seeded_slices_are_voted_on(absent_model):
     """With the absent model every tracked slice is empty, so the other axes vote "no" on the prompted
     slice's voxels; the user's prompt still wins there, and only there."""

@@ -92,9 +92,10 @@ class ObjectTrack:
 
     ``conditioning``: prompted frames with encoded memory; ``pending``: frames prompted since the last
     propagation (memory encoded when propagation starts); ``tracked``: propagated frames; ``reverse``: the
-    direction each frame was last tracked in; ``bank``: the self-sorting bank of the current pass;
-    ``generator``: the bank's random draws. Each object has its own, so that adding an object leaves the
-    others' results as they were.
+    direction each frame was last tracked in; ``guides``: boxes ``[1, 2, 2]`` (model input pixels) that a
+    box-tracking model tracks those frames with instead of its neighbour's box; ``bank``: the self-sorting
+    bank of the current pass; ``generator``: the bank's random draws. Each object has its own, so that
+    adding an object leaves the others' results as they were.
     """
 
     obj_id: int
@@ -103,6 +104,7 @@ class ObjectTrack:
     pending: dict[int, FrameRecord] = field(default_factory=dict)
     tracked: dict[int, FrameRecord] = field(default_factory=dict)
     reverse: dict[int, bool] = field(default_factory=dict)
+    guides: dict[int, torch.Tensor] = field(default_factory=dict)
     bank: list[FrameRecord] = field(default_factory=list)
     generator: torch.Generator = field(default_factory=torch.Generator)
 

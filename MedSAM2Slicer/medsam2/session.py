@@ -123,6 +123,18 @@ class Session:
             )
         return self.model.predict(features, context, points=points_in, previous_logits=previous_logits)
 
+    def add_guide(self, frame: int, obj_id: int, box: Sequence[float]) -> None:
+        """Track ``obj_id`` on ``frame`` with ``box`` ``(x0, y0, x1, y1)`` (frame pixels), e.g. the extent of
+        the object found there by an earlier pass over the same data, instead of the box of its neighbour's
+        mask. Only a model that tracks with boxes (``config.tracking_box_margin``) uses it; the object is
+        then not lost on that frame. A prompted frame keeps its prompt."""
+        self._check_frame(frame)
+        track = self.tracks.get(int(obj_id))
+        if track is None:
+            raise InputError(f"Object {obj_id} has no prompt to guide")
+        points, _ = self._point_inputs(None, None, box)
+        track.guides[int(frame)] = points
+
     def _point_inputs(
         self,
         points: Sequence[Sequence[float]] | None,
@@ -238,15 +250,16 @@ class Session:
 
     def _track_frame(self, track: ObjectTrack, t: int, reverse: bool) -> FrameRecord:
         previous = self._tracking_neighbour(track, t, reverse)
+        guide = track.guides.get(t)
         lost = self.model.lost_objects(previous)
-        if lost is not None and bool(lost.all()):
+        if guide is None and lost is not None and bool(lost.all()):
             # A lost object needs neither the frame's features nor a memory: it stays absent.
             record = self._record(t, self.model.lost_prediction(1))
             track.tracked[t] = record
             return record
         features = self._frame_features(t)
         context = self.policy.context(track, t, reverse, self.num_frames, self._descriptors.get(t))
-        prediction = self.model.track(features, context, previous)
+        prediction = self.model.track(features, context, previous, guide=guide)
         record = self._record(t, prediction)
         track.tracked[t] = record
         self.policy.observe(track, record)

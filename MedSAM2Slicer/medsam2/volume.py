@@ -2,12 +2,15 @@
 
 Pass 1 tracks every object from its prompts along its prompt axis, forward and reverse. Each further axis is
 seeded with a mask prompt: the first pass's result on that axis's slice of largest cross-section; the user's
-prompts on that axis are added as corrections. Each axis that tracked an object votes on every voxel: a slice
-its passes did not reach (past an early stop, outside the ROI) is a vote for background, since the pass had
-found the object ended there. With ``roi="auto"`` an extra axis also votes background outside the object's
-box: the first pass's extent plus a margin (a leak far from it must not stand on two extra axes' votes). A
-voxel's probability is the mean of the votes (or the share of positive votes), except on the slices the user
-prompted: they keep what the prompt gave.
+prompts on that axis are added as corrections. A model that tracks with boxes (medsam2-lite) tracks each slice
+of a further axis where the first pass found the object with the box of the first pass's mask there: chained
+from slice to slice, a box drifts onto a neighbouring organ that the other views show next to the object
+(measured on the held-out CT: the right kidney's sagittal pass followed the liver). Each axis that tracked an
+object votes on every voxel: a slice its passes did not reach (past an early stop, outside the ROI) is a vote
+for background, since the pass had found the object ended there. With ``roi="auto"`` an extra axis also votes
+background outside the object's box: the first pass's extent plus a margin (a leak far from it must not stand
+on two extra axes' votes). A voxel's probability is the mean of the votes (or the share of positive votes),
+except on the slices the user prompted: they keep what the prompt gave.
 """
 
 from __future__ import annotations
@@ -180,6 +183,7 @@ def segment_volume(
                 both_directions=True,
                 user_prompts=extra,
                 vote_boxes=vote_boxes,
+                guides={o: first_pass[o] > 0.5 for o in objects},
             )
 
     probabilities = votes.result()
@@ -248,12 +252,14 @@ class _PassRunner:
         both_directions: bool,
         user_prompts: list[Prompt],
         vote_boxes: dict[int, Box] | None = None,
+        guides: dict[int, np.ndarray] | None = None,
     ) -> None:
         """Track along ``axis``, over the slice range ``slices`` (``None``: all).
 
         ``user_prompts`` (among ``prompts``; the others are seeds from an earlier pass) mark the slices whose
         result is kept as the prompt gave it. An object with a box in ``vote_boxes`` votes background outside
-        it."""
+        it. ``guides``: per object, a ``[Z, Y, X]`` mask from an earlier pass whose extent on each slice guides
+        a box-tracking model there (:meth:`Session.add_guide`)."""
         started = time.perf_counter()
         frames = np.moveaxis(self.intensities, axis, 0)
         first, last = slices or (0, frames.shape[0])
@@ -267,6 +273,10 @@ class _PassRunner:
                 # Clicks or a box after a mask on the same slice refine the mask's result.
                 session.add_prompt(index, obj_id=p.obj_id, points=p.points, labels=p.labels, box=p.box)
             prompted.add(index)
+        if self.model.config.tracking_box_margin is not None:
+            for obj_id, mask in (guides or {}).items():
+                for index, box in _slice_boxes(np.moveaxis(mask, axis, 0)[first:last]).items():
+                    session.add_guide(index, obj_id, box)
         name = ("axial", "coronal", "sagittal")[axis]
         run = _AxisRun(
             axis=axis,
@@ -335,6 +345,16 @@ def _seed_prompts(first_pass: dict[int, np.ndarray], axis: int) -> list[Prompt]:
         index = int(np.argmax(mask.sum(axis=other)))
         seeds.append(Prompt(axis=axis, index=index, obj_id=obj_id, mask=np.take(mask, index, axis=axis)))
     return seeds
+
+
+def _slice_boxes(mask: np.ndarray) -> dict[int, tuple[int, int, int, int]]:
+    """The box ``(x0, y0, x1, y1)`` (pixel edges) of ``mask`` ``[T, H, W]`` on each slice where it is set."""
+    boxes = {}
+    for t in np.flatnonzero(mask.any(axis=(1, 2))):
+        rows = np.flatnonzero(mask[t].any(axis=1))
+        cols = np.flatnonzero(mask[t].any(axis=0))
+        boxes[int(t)] = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
+    return boxes
 
 
 def _roi_box(found: np.ndarray, spacing: Sequence[float] | None) -> Box | None:

@@ -287,10 +287,20 @@ class SAM2Model(nn.Module):
         return self._decode(embedding, features.high_res, points, previous_logits, multimask)
 
     def track(
-        self, features: ImageFeatures, context: MemoryContext | None, previous_logits: torch.Tensor | None
+        self,
+        features: ImageFeatures,
+        context: MemoryContext | None,
+        previous_logits: torch.Tensor | None,
+        guide: torch.Tensor | None = None,
     ) -> MaskPrediction:
         """Predict a tracked frame from ``context`` and, for a box-tracking model, the previous frame's logits
-        ``[B, 1, H, W]`` (see :meth:`tracking_prompt`); objects that model has lost get :meth:`lost_prediction`."""
+        ``[B, 1, H, W]`` (see :meth:`tracking_prompt`); objects that model has lost get :meth:`lost_prediction`.
+
+        ``guide``: box corners ``[B, 2, 2]`` (input pixels) from an earlier pass over the same data, which a
+        box-tracking model is prompted with (grown by its margin) instead of the previous frame's box; an
+        object with a guide is never lost. Models that track from memory alone ignore it."""
+        if guide is not None and self.config.tracking_box_margin is not None:
+            return self.predict(features, context, points=self._grown_box(guide.reshape(-1, 4).unbind(1)))
         lost = self.lost_objects(previous_logits)
         if lost is not None and bool(lost.all()):
             return self.lost_prediction(len(lost))
@@ -347,9 +357,16 @@ class SAM2Model(nn.Module):
             return first.float() * scale, (last + 1).float() * scale
 
         (y0, y1), (x0, x1) = extent(rows), extent(cols)
+        return self._grown_box((x0, y0, x1, y1))
+
+    def _grown_box(self, box: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Box edges ``(x0, y0, x1, y1)``, each ``[B]`` in input pixels, grown on each side by the tracking
+        margin times the longer side (at least 2 px) and clipped to the image: corner points ``[B, 2, 2]``
+        and labels ``[B, 2]`` (2, 3)."""
+        x0, y0, x1, y1 = (edge.float() for edge in box)
         grow = (self.config.tracking_box_margin * torch.maximum(x1 - x0, y1 - y0)).clamp_min(2.0)
         corners = torch.stack([x0 - grow, y0 - grow, x1 + grow, y1 + grow], dim=1).clamp(0, self.image_size)
-        labels = torch.tensor([[2, 3]], dtype=torch.int32, device=mask.device).expand(len(mask), 2)
+        labels = torch.tensor([[2, 3]], dtype=torch.int32, device=corners.device).expand(len(corners), 2)
         return corners.reshape(-1, 2, 2), labels
 
     def _decode(

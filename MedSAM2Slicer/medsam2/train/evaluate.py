@@ -9,7 +9,8 @@ Volumes (none is a training source, ``medsam2.train.data``):
   (``pip download --no-deps --no-binary :all: totalsegmentator==2.18.0``).
 
 For each structure of :data:`STRUCTURES` the prompt is the reference's box on the axial slice where it is
-largest, and the whole volume is segmented by
+largest, and the whole volume is segmented, in the CT window the structure is read in (lungs in the lung
+window, vertebrae in the bone window, abdominal organs in the abdomen window; MR by percentiles), by
 
 (i) ``segment_volume``, self-sorting memory, 6 orientations; (ii) the same with SAM 2's ``"recent"`` memory;
 (iii) self-sorting, 2 orientations (the prompt axis, both directions); (iv) no memory: LiteMedSAM slice by
@@ -23,7 +24,8 @@ The 2D one-prompt setting (:func:`one_prompt_2d`): a box on the CT slice where a
 only prompt; ``segment_images`` then segments that structure in other CT slices and in MR slices (another
 volume and modality). Baseline: the template's box, scaled, on every image, without memory.
 
-All volume methods run on the same prepared intensities (CT abdomen window, MR 0.5-99.5 percentiles).
+The structures of a volume that share a window are segmented together (several objects in one call), and
+every method gets the same prepared intensities.
 """
 
 from __future__ import annotations
@@ -64,6 +66,14 @@ STRUCTURES = {
     "TotalSegmentator CT": ("liver", "spleen", "stomach", "kidney_right", "kidney_left"),
     "TotalSegmentator MR": ("liver", "spleen", "stomach", "kidney_right", "kidney_left"),
 }
+# The CT window (medsam2.preprocess.WINDOW_PRESETS) a radiologist reads a structure in; the others are read
+# in the abdomen window, and MR volumes by percentiles.
+CT_WINDOWS = {
+    "right lung": "lung",
+    "left lung": "lung",
+    "thoracic vertebral column": "bone",
+    "lumbar vertebral column": "bone",
+}
 METHODS = (
     "(i) self-sorting, 6 orientations",
     "(ii) recent, 6 orientations",
@@ -86,6 +96,10 @@ class HeldOutVolume:
 
     def mask(self, structure: str) -> np.ndarray:
         return self.labels == self.structures[structure]
+
+    def window(self, structure: str) -> str | None:
+        """The CT window ``structure`` is segmented in (``None``: the modality's default preparation)."""
+        return CT_WINDOWS.get(structure) if self.modality == "ct" else None
 
 
 def held_out_volumes(data_dir: Path) -> list[HeldOutVolume]:
@@ -247,37 +261,16 @@ def evaluate_volume(
 
     ``baseline``: the model of the no-memory methods (iv) and (v) (default: ``model``)."""
     names = list(volume.structures)
-    prompts, references = [], {}
-    for obj_id, name in enumerate(names, start=1):
-        references[name] = volume.mask(name)
-        index, box = box_on_largest_slice(references[name])
-        prompts.append(Prompt(axis=0, index=index, obj_id=obj_id, box=box))
-    intensities = prepare_intensities(volume.image, modality=volume.modality)
-    masks: dict[str, dict[str, np.ndarray]] = {}
-    seconds: dict[str, float] = {}
-    runs = {
-        METHODS[0]: dict(orientations=6, memory=MemoryOptions(policy="self-sorting")),
-        METHODS[1]: dict(orientations=6, memory=MemoryOptions(policy="recent")),
-        METHODS[2]: dict(orientations=2, memory=MemoryOptions(policy="self-sorting")),
-    }
-    with shared_encoder(model) as encoder_stats:
-        for method, options in runs.items():
-            started = time.perf_counter()
-            result = segment_volume(
-                model, volume.image, prompts, spacing=volume.spacing, modality=volume.modality, **options
-            )
-            seconds[method] = time.perf_counter() - started
-            masks[method] = {n: result.probabilities[i] > 0.5 for i, n in enumerate(names, start=1)}
-            log(f"  {volume.name}: {method} in {seconds[method]:.0f} s")
-    slices = AxialSlices(baseline or model, intensities)
-    for method, run in (
-        (METHODS[3], lambda p, n: previous_box_chain(slices, p.index, tuple(p.box))),
-        (METHODS[4], lambda p, n: reference_box_every_slice(slices, references[n])),
-    ):
-        started = time.perf_counter()
-        masks[method] = {n: run(p, n) for p, n in zip(prompts, names)}
-        seconds[method] = time.perf_counter() - started
-        log(f"  {volume.name}: {method} in {seconds[method]:.0f} s")
+    references = {name: volume.mask(name) for name in names}
+    masks: dict[str, dict[str, np.ndarray]] = {m: {} for m in METHODS}
+    seconds = dict.fromkeys(METHODS, 0.0)
+    encoder_stats = {"encoded": 0, "reused": 0}
+    for window in dict.fromkeys(volume.window(n) for n in names):
+        group = [n for n in names if volume.window(n) == window]
+        stats = _evaluate_group(
+            model, baseline or model, volume, group, window, references, masks, seconds, log
+        )
+        encoder_stats = {k: v + stats[k] for k, v in encoder_stats.items()}
     scores = {
         name: {
             method: {
@@ -294,8 +287,51 @@ def evaluate_volume(
         "spacing_mm": list(volume.spacing),
         "scores": scores,
         "seconds": {m: round(s, 1) for m, s in seconds.items()},
-        "encoder": dict(encoder_stats),
+        "encoder": encoder_stats,
+        "windows": {n: volume.window(n) for n in names},
     }
+
+
+def _evaluate_group(
+    model: SAM2Model,
+    baseline: SAM2Model,
+    volume: HeldOutVolume,
+    names: list[str],
+    window: str | None,
+    references: dict[str, np.ndarray],
+    masks: dict[str, dict[str, np.ndarray]],
+    seconds: dict[str, float],
+    log,
+) -> dict[str, int]:
+    """Every method on the structures ``names`` (segmented together, in ``window``): adds their masks and
+    the seconds taken to ``masks`` / ``seconds``; returns the shared encoder's statistics."""
+    prompts = []
+    for obj_id, name in enumerate(names, start=1):
+        index, box = box_on_largest_slice(references[name])
+        prompts.append(Prompt(axis=0, index=index, obj_id=obj_id, box=box))
+    runs = {
+        METHODS[0]: dict(orientations=6, memory=MemoryOptions(policy="self-sorting")),
+        METHODS[1]: dict(orientations=6, memory=MemoryOptions(policy="recent")),
+        METHODS[2]: dict(orientations=2, memory=MemoryOptions(policy="self-sorting")),
+    }
+    prepared = dict(spacing=volume.spacing, modality=volume.modality, window=window)
+    with shared_encoder(model) as encoder_stats:
+        for method, options in runs.items():
+            started = time.perf_counter()
+            result = segment_volume(model, volume.image, prompts, **prepared, **options)
+            seconds[method] += time.perf_counter() - started
+            masks[method].update({n: result.probabilities[i] > 0.5 for i, n in enumerate(names, start=1)})
+            log(f"  {volume.name} ({window or volume.modality}): {method} in {seconds[method]:.0f} s")
+    intensities = prepare_intensities(volume.image, modality=volume.modality, window=window)
+    slices = AxialSlices(baseline, intensities)
+    for method, run in (
+        (METHODS[3], lambda p, n: previous_box_chain(slices, p.index, tuple(p.box))),
+        (METHODS[4], lambda p, n: reference_box_every_slice(slices, references[n])),
+    ):
+        started = time.perf_counter()
+        masks[method].update({n: run(p, n) for p, n in zip(prompts, names)})
+        seconds[method] += time.perf_counter() - started
+    return dict(encoder_stats)
 
 
 def one_prompt_2d(
