@@ -23,9 +23,12 @@ from medsam2.volume import (
     _ROI_MARGIN_FRACTION,
     _ROI_MARGIN_VOXELS,
     Aggregation,
+    _extra_axis_step,
     _inside_box,
     _labels,
+    _PassRunner,
     _roi_box,
+    _visited_slices,
     _Votes,
 )
 
@@ -257,6 +260,55 @@ def test_extra_axis_votes_outside_the_box_are_background(axis):
     expected[rows, cols] = 0.8
     np.testing.assert_array_equal(inside, expected)
     assert not _inside_box(prob, box, axis, index=box[axis].stop).any()  # a slice past the box
+
+
+def test_extra_axes_are_visited_about_as_far_apart_in_mm_as_the_prompt_axis_slices():
+    assert _extra_axis_step((10.0, 3.0, 3.0), [0], axis=1) == 3  # 10 mm axial slices, 3 mm pixels
+    assert _extra_axis_step((10.0, 3.0, 3.0), [0, 2], axis=1) == 1  # an object prompted on sagittal
+    assert _extra_axis_step((1.0, 0.8, 0.8), [0], axis=2) == 1
+    assert _extra_axis_step((1.0, 4.0, 4.0), [0], axis=1) == 1  # never finer than every slice
+    assert _extra_axis_step(None, [0], axis=1) == 1
+    # Counted from the first prompted slice, both ways, and every prompted slice is visited.
+    assert _visited_slices(2, 20, [7], step=3) == [4, 7, 10, 13, 16, 19]
+    assert _visited_slices(2, 20, [12, 7], step=3) == [4, 7, 10, 12, 13, 16, 19]
+    assert _visited_slices(0, 5, [3], step=1) == [0, 1, 2, 3, 4]
+
+
+def test_slices_an_extra_axis_steps_over_get_votes_interpolated_from_their_visited_neighbours(monkeypatch):
+    volume = _synthetic()
+    model = golden_model(presence_shift=5.0)  # tracks everywhere: every visited slice has a vote
+    prompt = Prompt(axis=0, index=4, mask=_corner_mask(SHAPE[1:]))
+    every = medsam2.segment_volume(model, volume, [prompt], spacing=(1.0, 1.0, 1.0), early_stop=False)
+    seen: dict[tuple[int, int], np.ndarray] = {}  # the votes of the slices the model saw
+    voted: dict[tuple[int, int], list[np.ndarray]] = {}  # every vote
+    vote, add = _PassRunner._vote, _Votes.add
+
+    def seeing(runner, run, t, probabilities):
+        result = vote(runner, run, t, probabilities)
+        seen[(run.axis, run.visit[t])] = result[1].copy()
+        return result
+
+    def adding(votes, axis, index, probabilities):
+        voted.setdefault((axis, index), []).append(probabilities[1].copy())
+        add(votes, axis, index, probabilities)
+
+    monkeypatch.setattr(_PassRunner, "_vote", seeing)
+    monkeypatch.setattr(_Votes, "add", adding)
+    # 3 mm axial slices and 1 mm pixels: every third coronal and sagittal slice is seen.
+    strided = medsam2.segment_volume(model, volume, [prompt], spacing=(3.0, 1.0, 1.0), early_stop=False)
+    for axis in (1, 2):
+        name = NAMES[axis]
+        frames = strided.frames_visited[f"{name} forward"] + strided.frames_visited[f"{name} reverse"]
+        assert frames < every.frames_visited[f"{name} forward"] + every.frames_visited[f"{name} reverse"]
+        visited = sorted(i for a, i in seen if a == axis)
+        assert all(b - a == 3 for a, b in zip(visited, visited[1:]))
+        # Every slice between two seen ones gets one vote, interpolated between theirs.
+        for before, after in zip(visited, visited[1:]):
+            for index in range(before + 1, after):
+                weight = (index - before) / (after - before)
+                expected = (1 - weight) * seen[(axis, before)] + weight * seen[(axis, after)]
+                assert len(voted[(axis, index)]) == 1
+                np.testing.assert_allclose(voted[(axis, index)][0], expected, atol=1e-6)
 
 
 def test_objects_prompted_on_different_axes_keep_their_own_votes(absent_model):

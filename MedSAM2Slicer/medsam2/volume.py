@@ -121,10 +121,11 @@ def segment_volume(
     both directions). ``aggregate``: ``"mean"`` probability or ``"majority"`` vote. ``roi="auto"`` lets the
     extra axes visit only the slices where the first pass found the objects, plus a margin (at least 5 mm
     when ``spacing``, z, y, x in mm, is given), and count their votes only inside each object's first-pass
-    box plus that margin (``None``: every slice, every vote); the model always sees whole slices, as in
-    training. ``early_stop`` ends a direction once every object has been absent for a few slices past the
-    prompts. ``progress(done, total, message)`` is called as frames complete; setting ``cancel`` stops
-    within one frame with :class:`Cancelled`.
+    box plus that margin (``None``: every slice, every vote); with ``spacing`` it also visits them about as
+    far apart in mm as the prompt axis's slices, and the slices between get interpolated votes. The model
+    always sees whole slices, as in training. ``early_stop`` ends a direction once every object has been
+    absent for a few slices past the prompts. ``progress(done, total, message)`` is called as frames
+    complete; setting ``cancel`` stops within one frame with :class:`Cancelled`.
     """
     started = time.perf_counter()
     volume = _checked_volume(volume)
@@ -169,8 +170,9 @@ def segment_volume(
             seeds = _seed_prompts({o: first_pass[o] for o in objects}, axis)
             if not seeds and not extra:
                 continue
-            slices, vote_boxes = None, {}
+            slices, vote_boxes, step = None, {}, 1
             if roi == "auto":
+                step = _extra_axis_step(spacing, [primary_axis[o] for o in objects], axis)
                 boxes = {o: _roi_box(first_pass[o] > 0.5, spacing) for o in objects}
                 slices = _roi_slices([b for b in boxes.values() if b], axis, [p.index for p in extra])
                 # The user's own prompts on this axis may reach past what the first pass found.
@@ -184,6 +186,7 @@ def segment_volume(
                 user_prompts=extra,
                 vote_boxes=vote_boxes,
                 guides={o: first_pass[o] > 0.5 for o in objects},
+                step=step,
             )
 
     probabilities = votes.result()
@@ -197,12 +200,12 @@ def segment_volume(
 
 @dataclass
 class _AxisRun:
-    """One run along ``axis`` over the frames from ``offset`` on: ``keep`` holds the (frame, object) pairs the
-    user prompted, ``boxes`` the objects' vote boxes, ``reached`` the volume slices each object's passes
-    reached."""
+    """One run along ``axis`` over the volume slices ``visit`` (frame ``t`` is slice ``visit[t]``): ``keep``
+    holds the (frame, object) pairs the user prompted, ``boxes`` the objects' vote boxes, ``reached`` the
+    volume slices each object's passes reached."""
 
     axis: int
-    offset: int
+    visit: list[int]
     keep: set[tuple[int, int]]
     boxes: dict[int, Box]
     reached: dict[int, set[int]]
@@ -253,20 +256,26 @@ class _PassRunner:
         user_prompts: list[Prompt],
         vote_boxes: dict[int, Box] | None = None,
         guides: dict[int, np.ndarray] | None = None,
+        step: int = 1,
     ) -> None:
-        """Track along ``axis``, over the slice range ``slices`` (``None``: all).
+        """Track along ``axis``, over the slice range ``slices`` (``None``: all), every ``step``-th slice.
 
         ``user_prompts`` (among ``prompts``; the others are seeds from an earlier pass) mark the slices whose
         result is kept as the prompt gave it. An object with a box in ``vote_boxes`` votes background outside
         it. ``guides``: per object, a ``[Z, Y, X]`` mask from an earlier pass whose extent on each slice guides
-        a box-tracking model there (:meth:`Session.add_guide`)."""
+        a box-tracking model there (:meth:`Session.add_guide`). With ``step`` > 1 the slices from the first
+        prompted one on are visited ``step`` apart (and every prompted slice), and a slice between two visited
+        ones gets their votes interpolated."""
         started = time.perf_counter()
         frames = np.moveaxis(self.intensities, axis, 0)
         first, last = slices or (0, frames.shape[0])
-        session = Session(self.model, frames[first:last], memory=self.memory, seed=self.seed)
+        visit = _visited_slices(first, last, [p.index for p in prompts], step)
+        position = {index: t for t, index in enumerate(visit)}
+        stack = frames[first:last] if step == 1 else frames[visit]
+        session = Session(self.model, stack, memory=self.memory, seed=self.seed)
         prompted = set()
         for p in prompts:
-            index = p.index - first
+            index = position[p.index]
             if p.mask is not None:
                 session.add_prompt(index, obj_id=p.obj_id, mask=p.mask)
             if p.points is not None or p.box is not None:
@@ -275,13 +284,13 @@ class _PassRunner:
             prompted.add(index)
         if self.model.config.tracking_box_margin is not None:
             for obj_id, mask in (guides or {}).items():
-                for index, box in _slice_boxes(np.moveaxis(mask, axis, 0)[first:last]).items():
+                for index, box in _slice_boxes(np.moveaxis(mask, axis, 0)[visit]).items():
                     session.add_guide(index, obj_id, box)
         name = ("axial", "coronal", "sagittal")[axis]
         run = _AxisRun(
             axis=axis,
-            offset=first,
-            keep={(p.index - first, p.obj_id) for p in user_prompts},
+            visit=visit,
+            keep={(position[p.index], p.obj_id) for p in user_prompts},
             boxes=vote_boxes or {},
             reached={p.obj_id: set() for p in prompts},
         )
@@ -297,11 +306,16 @@ class _PassRunner:
         self, session: Session, run: _AxisRun, start: int, last_prompt: int, reverse: bool, name: str
     ) -> None:
         absent_run, visited = 0, 0
+        previous: dict[int, tuple[int, np.ndarray]] = {}  # per object, the last slice voted on and its vote
         # An object whose own prompt lies further on has no box to track and no memory yet: a guess there
         # would vote, and would enter its memory.
         for t, logits in session.propagate(start=start, reverse=reverse, from_own_prompts=True):
             self._check_cancel()
-            self._vote(run, t, {obj_id: _sigmoid(x) for obj_id, x in logits.items()})
+            voted = self._vote(run, t, {obj_id: _sigmoid(x) for obj_id, x in logits.items()})
+            for obj_id, prob in voted.items():
+                if obj_id in previous:
+                    self._vote_between(run, obj_id, previous[obj_id], (run.visit[t], prob))
+                previous[obj_id] = (run.visit[t], prob)
             visited += 1
             self.done += 1
             if self.progress is not None:
@@ -314,8 +328,9 @@ class _PassRunner:
         # An axis can run twice (for objects prompted on it, then as an extra axis for the others).
         self.result.frames_visited[name] = self.result.frames_visited.get(name, 0) + visited
 
-    def _vote(self, run: _AxisRun, t: int, probabilities: dict[int, np.ndarray]) -> None:
-        index = run.offset + t
+    def _vote(self, run: _AxisRun, t: int, probabilities: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+        """Add frame ``t``'s probabilities as votes (outside an object's vote box: background); returns them."""
+        index = run.visit[t]
         for obj_id, prob in probabilities.items():
             box = run.boxes.get(obj_id)
             if box is not None:
@@ -324,6 +339,18 @@ class _PassRunner:
             if (t, obj_id) in run.keep:
                 self.prompted[(run.axis, index, obj_id)] = probabilities[obj_id]
         self.votes.add(run.axis, index, probabilities)
+        return probabilities
+
+    def _vote_between(
+        self, run: _AxisRun, obj_id: int, before: tuple[int, np.ndarray], after: tuple[int, np.ndarray]
+    ) -> None:
+        """Votes on the slices that lie between two slices visited one after the other (``step`` > 1),
+        interpolated linearly between the two slices' votes."""
+        (a, vote_a), (b, vote_b) = before, after
+        for index in range(min(a, b) + 1, max(a, b)):
+            weight = (index - a) / (b - a)
+            self.votes.add(run.axis, index, {obj_id: (1 - weight) * vote_a + weight * vote_b})
+            run.reached[obj_id].add(index)
 
     def _check_cancel(self) -> None:
         if self.cancel is not None and self.cancel.is_set():
@@ -345,6 +372,23 @@ def _seed_prompts(first_pass: dict[int, np.ndarray], axis: int) -> list[Prompt]:
         index = int(np.argmax(mask.sum(axis=other)))
         seeds.append(Prompt(axis=axis, index=index, obj_id=obj_id, mask=np.take(mask, index, axis=axis)))
     return seeds
+
+
+def _extra_axis_step(spacing: Sequence[float] | None, prompt_axes: list[int], axis: int) -> int:
+    """How many slices apart a further axis is visited: as far apart (in mm) as the slices of the objects'
+    prompt axis, so that every view samples them about as finely as the first pass did (10 mm axial slices
+    and 3 mm pixels: every third coronal slice); 1 without ``spacing``."""
+    if spacing is None:
+        return 1
+    return max(1, round(min(spacing[a] for a in prompt_axes) / spacing[axis]))
+
+
+def _visited_slices(first: int, last: int, prompted: list[int], step: int) -> list[int]:
+    """The slices of ``[first, last)`` that are ``step`` apart counting from the first prompted one, and the
+    prompted slices."""
+    origin = min(prompted)
+    grid = range(origin - (origin - first) // step * step, last, step)
+    return sorted(set(grid) | set(prompted))
 
 
 def _slice_boxes(mask: np.ndarray) -> dict[int, tuple[int, int, int, int]]:
