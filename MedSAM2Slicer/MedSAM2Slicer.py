@@ -109,7 +109,7 @@ class MedSAM2SlicerParameterNode:
     modelPath: str = ""
     device: Annotated[str, Choice(DEVICES)] = "auto"
     orientations: Annotated[int, Choice([6, 2, 1])] = 6
-    aggregation: Annotated[str, Choice(["mean", "majority"])] = "mean"
+    aggregation: Annotated[str, Choice(["confidence", "mean", "majority"])] = "confidence"
     memoryPolicy: Annotated[str, Choice(["self-sorting", "recent"])] = "self-sorting"
     confidenceThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
 

@@ -146,6 +146,7 @@ def test_mean_of_probabilities_over_the_passes_that_visited():
     votes.add(0, 1, {1: np.full((4, 5), 0.9, np.float32)})
     votes.add(0, 1, {1: np.full((4, 5), 0.2, np.float32)})
     votes.add(1, 2, {1: np.full((3, 5), 0.7, np.float32)})  # a coronal pass's slice y = 2
+    votes.end_run({})
     p = votes.result()[1]
     assert np.allclose(p[1, 2], (0.9 + 0.2 + 0.7) / 3)
     assert np.allclose(p[1, 0], 0.55) and np.allclose(p[1, 3], 0.55)
@@ -157,6 +158,7 @@ def test_majority_counts_votes_above_one_half():
     for probability in (0.9, 0.6, 0.4, 0.51, 0.1):
         votes.add(0, 0, {1: np.full((2, 3), probability, np.float32)})
     votes.add(0, 1, {1: np.full((2, 3), 0.5, np.float32)})  # exactly one half is not a vote
+    votes.end_run({})
     p = votes.result()[1]
     assert np.allclose(p[0], 3 / 5) and np.allclose(p[1], 0)
     assert _labels(votes.result(), [1])[0].all()
@@ -168,6 +170,7 @@ def test_each_object_is_averaged_over_its_own_passes():
     votes.add(0, 0, {1: np.full((3, 3), 0.8, np.float32)})
     votes.add(0, 0, {1: np.full((3, 3), 0.6, np.float32)})
     votes.add(0, 0, {2: np.full((3, 3), 0.3, np.float32)})
+    votes.end_run({})
     p = votes.result()
     assert np.allclose(p[1][0], 0.7) and np.allclose(p[2][0], 0.3)
     assert (_labels(p, [1, 2])[0] == 1).all()
@@ -181,10 +184,65 @@ def test_slices_a_pass_did_not_reach_are_votes_for_background():
     votes.add_background(0, 1, [1, 2])
     for column in range(2):  # the sagittal pass reached every slice and says "object" everywhere
         votes.add(2, column, {1: np.full((3, 2), 0.9, np.float32)})
+    votes.end_run({})
     p = votes.result()[1]
     np.testing.assert_allclose(p[0], 0.9)
     np.testing.assert_allclose(p[1:], 0.45)
     assert _labels({1: p}, [1])[1:].sum() == 0
+
+
+def test_confidence_weighs_each_runs_votes_by_its_weight_for_the_object():
+    votes = _Votes((2, 2, 2), [1, 2], Aggregation.CONFIDENCE)
+    votes.add(0, 0, {1: np.full((2, 2), 0.9, np.float32), 2: np.full((2, 2), 0.8, np.float32)})
+    votes.add_background(0, 1, [1])
+    votes.end_run({1: 0.8, 2: 0.5})  # the axial run
+    votes.add(1, 0, {1: np.full((2, 2), 0.3, np.float32)})
+    votes.add(1, 1, {1: np.full((2, 2), 0.3, np.float32)})
+    votes.end_run({1: 0.2})  # a coronal run that tracked object 1 only
+    p = votes.result()
+    np.testing.assert_allclose(p[1][0], (0.8 * 0.9 + 0.2 * 0.3) / (0.8 + 0.2), rtol=1e-6)
+    np.testing.assert_allclose(p[1][1], 0.2 * 0.3 / (0.8 + 0.2), rtol=1e-6)  # axial voted background
+    np.testing.assert_allclose(p[2][0], 0.8, rtol=1e-6)  # one run: its weight cancels out
+    assert not p[2][1].any()
+
+
+def test_confidence_weighs_each_axis_by_its_mean_predicted_iou_where_it_found_the_object(
+    present_model, monkeypatch
+):
+    volume = _synthetic()
+    prompt = Prompt(axis=0, index=4, mask=_corner_mask(SHAPE[1:]))
+    # One run (the prompt axis, both directions): its weight cancels out.
+    mean, weighted = (
+        medsam2.segment_volume(present_model, volume, [prompt], orientations=2, aggregate=a).probabilities[1]
+        for a in ("mean", "confidence")
+    )
+    np.testing.assert_allclose(weighted, mean, atol=1e-6)
+
+    sessions: list[medsam2.Session] = []  # one per run; kept, so that no two share an id()
+    found: dict[int, list[float]] = {}  # per session, the IoUs of its tracked frames that found the object
+    weights: list[dict[int, float]] = []
+    track_frame, end_run = medsam2.Session._track_frame, _Votes.end_run
+
+    def tracking(session, track, t, reverse):
+        record = track_frame(session, track, t, reverse)
+        if session not in sessions:
+            sessions.append(session)
+        if (record.low_res_logits > 0).any():
+            found.setdefault(id(session), []).append(record.iou)
+        return record
+
+    def ending(votes, run_weights):
+        weights.append(dict(run_weights))
+        end_run(votes, run_weights)
+
+    monkeypatch.setattr(medsam2.Session, "_track_frame", tracking)
+    monkeypatch.setattr(_Votes, "end_run", ending)
+    six = medsam2.segment_volume(present_model, volume, [prompt], aggregate="confidence", roi=None)
+    assert len(weights) == len(found) == 3  # the prompt axis, then the two others
+    for run_weights, ious in zip(weights, found.values()):
+        assert run_weights == pytest.approx({1: float(np.mean(ious))})
+    mean = medsam2.segment_volume(present_model, volume, [prompt], aggregate="mean", roi=None)
+    assert not np.allclose(six.probabilities[1], mean.probabilities[1])
 
 
 def test_labels_pick_the_most_probable_object_above_one_half():

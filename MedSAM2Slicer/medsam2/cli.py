@@ -275,9 +275,10 @@ def _volume_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--aggregate",
-        choices=("mean", "majority"),
-        default="mean",
-        help="how the orientations vote (default: mean probability)",
+        choices=("confidence", "mean", "majority"),
+        default="confidence",
+        help="how the orientations vote (default: confidence, the mean probability with each axis weighted "
+        "by the model's mean predicted IoU on it)",
     )
     group.add_argument(
         "--memory",
