@@ -146,14 +146,14 @@ def segment_volume(
     ``orientations``: 1 (prompt axis, forward only), 2 (prompt axis, both directions) or 6 (all three axes,
     both directions). ``aggregate``: ``"confidence"`` (the mean probability, each axis weighted by the
     model's mean predicted IoU where that axis found the object), ``"mean"`` probability or ``"majority"``
-    vote. ``roi="auto"`` lets the
-    extra axes visit only the slices where the first pass found the objects, plus a margin (at least 5 mm
-    when ``spacing``, z, y, x in mm, is given), and count their votes only inside each object's first-pass
-    box plus that margin (``None``: every slice, every vote); with ``spacing`` it also visits them about as
-    far apart in mm as the prompt axis's slices, and the slices between get interpolated votes. The model
-    always sees whole slices, as in training. ``early_stop`` ends a direction once every object has been
-    absent for a few slices past the prompts. ``progress(done, total, message)`` is called as frames
-    complete; setting ``cancel`` stops within one frame with :class:`Cancelled`.
+    vote. ``roi="auto"`` lets the extra axes visit only the slices where the first pass found the objects,
+    plus a margin (at least 5 mm when ``spacing``, z, y, x in mm, is given), and count their votes only
+    inside each object's first-pass box plus that margin (``None``: every slice, every vote); with
+    ``spacing`` it also visits them about as far apart in mm as the prompt axis's slices, and the slices
+    between get interpolated votes. The model always sees whole slices, as in training. ``early_stop`` ends
+    a direction once every object has been absent for a few slices past the prompts. ``progress(done,
+    total, message)`` is called as frames complete; setting ``cancel`` stops within one frame with
+    :class:`Cancelled`.
     """
     started = time.perf_counter()
     volume = _checked_volume(volume)
