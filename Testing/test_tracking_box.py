@@ -128,15 +128,22 @@ def test_unrelated_images_get_the_box_of_the_nearest_prompted_frame(box_model):
         )
 
 
-def test_a_lost_object_stays_absent_without_encoding_its_frames():
-    """Once the previous mask is empty the box model has no box: later frames are neither encoded nor decoded."""
-    model = golden_model(presence_shift=-50.0)  # every tracked frame comes back absent
+def _absent_box_session() -> tuple[medsam2.SAM2Model, medsam2.Session, np.ndarray]:
+    """A box-tracking model whose every tracked frame comes back absent, and a session with a mask prompt on
+    frame 0."""
+    model = golden_model(presence_shift=-50.0)
     model.config = model.config.replace(tracking_box_margin=0.1)
     frames = np.random.default_rng(0).random((T, H, W)).astype(np.float32)
     session = medsam2.Session(model, frames)
     mask = np.zeros((H, W), bool)
     mask[6:14, 8:20] = True
     session.add_prompt(0, mask=mask)
+    return model, session, mask
+
+
+def test_a_lost_object_stays_absent_without_encoding_its_frames():
+    """Once the previous mask is empty the box model has no box: later frames are neither encoded nor decoded."""
+    model, session, mask = _absent_box_session()
     calls = _recorded_prompts(model)
     results = dict(session.propagate())
     assert len(calls) == 1  # frame 1 is decoded (and found absent); frames 2.. are lost
@@ -171,13 +178,7 @@ def test_track_replaces_only_the_lost_objects_of_a_batch(box_model):
 def test_a_guided_frame_is_tracked_with_its_guide_box_and_is_never_lost():
     """``Session.add_guide``: the guide's box, grown by the margin, replaces the neighbour's box, also for an
     object whose neighbour came back empty; unguided frames keep the neighbour's box (here: none, lost)."""
-    model = golden_model(presence_shift=-50.0)  # every tracked frame comes back absent
-    model.config = model.config.replace(tracking_box_margin=0.1)
-    frames = np.random.default_rng(0).random((T, H, W)).astype(np.float32)
-    session = medsam2.Session(model, frames)
-    mask = np.zeros((H, W), bool)
-    mask[6:14, 8:20] = True
-    session.add_prompt(0, mask=mask)
+    model, session, _ = _absent_box_session()
     session.add_guide(3, obj_id=1, box=(4, 2, 12, 10))
     calls = _recorded_prompts(model)
     list(session.propagate())

@@ -344,11 +344,10 @@ class _PassRunner:
         for t, logits in session.propagate(start=start, reverse=reverse, from_own_prompts=True):
             self._check_cancel()
             voted = self._vote(run, t, {obj_id: _sigmoid(x) for obj_id, x in logits.items()})
-            for obj_id, x in logits.items():
-                record = session.tracks[obj_id].tracked.get(t)
-                if record is not None and (x > 0).any():
-                    run.confidence.setdefault(obj_id, []).append(record.iou)
             for obj_id, prob in voted.items():
+                record = session.tracks[obj_id].tracked.get(t)  # None on a prompted frame
+                if record is not None and (logits[obj_id] > 0).any():
+                    run.confidence.setdefault(obj_id, []).append(record.iou)
                 if obj_id in previous:
                     self._vote_between(run, obj_id, previous[obj_id], (run.visit[t], prob))
                 previous[obj_id] = (run.visit[t], prob)

@@ -331,6 +331,7 @@ def _evaluate_group(
         started = time.perf_counter()
         masks[method].update({n: run(p, n) for p, n in zip(prompts, names)})
         seconds[method] += time.perf_counter() - started
+        log(f"  {volume.name} ({window or volume.modality}): {method} in {seconds[method]:.0f} s")
     return dict(encoder_stats)
 
 
