@@ -24,6 +24,8 @@ from medsam2.volume import (
     _ROI_MARGIN_VOXELS,
     Aggregation,
     _extra_axis_step,
+    _ExtraAxis,
+    _fit_extra_axes_to_budget,
     _inside_box,
     _labels,
     _PassRunner,
@@ -330,6 +332,46 @@ def test_extra_axes_are_visited_about_as_far_apart_in_mm_as_the_prompt_axis_slic
     assert _visited_slices(2, 20, [7], step=3) == [4, 7, 10, 13, 16, 19]
     assert _visited_slices(2, 20, [12, 7], step=3) == [4, 7, 10, 12, 13, 16, 19]
     assert _visited_slices(0, 5, [3], step=1) == [0, 1, 2, 3, 4]
+
+
+def _plans(*ranges_and_steps) -> list[_ExtraAxis]:
+    """Extra-axis plans over the given ``((start, stop), mm step)``, each seeded in the middle of its range."""
+    plans = []
+    for axis, ((start, stop), step) in enumerate(ranges_and_steps, start=1):
+        seed = Prompt(axis=axis, index=(start + stop) // 2, box=(0, 0, 4, 4))
+        plans.append(_ExtraAxis(axis, {1}, [seed], [], (start, stop), step=step))
+    return plans
+
+
+def test_extra_axes_together_predict_no_more_frames_than_the_first_pass():
+    def fitted(budget, *ranges_and_steps):
+        plans = _plans(*ranges_and_steps)
+        _fit_extra_axes_to_budget(plans, budget)
+        return [plan.step for plan in plans], sum(plan.frames(plan.step) for plan in plans)
+
+    # Every slice: 61 + 61 frames; every fourth: 16 + 16; every fifth: 13 + 13.
+    assert fitted(200, ((0, 60), 1), ((5, 65), 1)) == ([1, 1], 122)
+    assert fitted(31, ((0, 60), 1), ((5, 65), 1)) == ([5, 5], 26)
+    # The step in mm of the prompt axis's slices stays the least step; the other axis takes up the budget.
+    assert fitted(31, ((0, 60), 6), ((5, 65), 1)) == ([6, 4], 11 + 16)
+    # However small the budget, each run still visits 8 slices of its range (60 // 8 = 7 apart).
+    assert fitted(5, ((0, 60), 1), ((5, 65), 1)) == ([7, 7], 10 + 10)
+    assert fitted(5, ((0, 12), 1), ((5, 65), 1))[0] == [1, 7]
+
+
+def test_the_extra_axes_of_segment_volume_keep_to_the_first_pass_frames(present_model):
+    shape = (30, 40, 44)
+    volume = _synthetic(shape=shape)
+    prompt = Prompt(axis=0, index=12, mask=_corner_mask(shape[1:]))
+    result = medsam2.segment_volume(
+        present_model, volume, [prompt], spacing=(1.0, 1.0, 1.0), early_stop=False
+    )
+    visited = result.frames_visited
+    first = visited["axial forward"] + visited["axial reverse"]
+    extra = sum(visited[f"{NAMES[a]} {d}"] for a in (1, 2) for d in ("forward", "reverse"))
+    unlimited = medsam2.segment_volume(present_model, volume, [prompt], roi=None, early_stop=False)
+    assert first == shape[0] + 1
+    assert extra <= first < sum(unlimited.frames_visited.values()) - first
 
 
 def test_slices_an_extra_axis_steps_over_get_votes_interpolated_from_their_visited_neighbours(monkeypatch):

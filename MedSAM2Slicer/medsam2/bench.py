@@ -159,7 +159,8 @@ def run(
     """Time the four cases on ``volume`` ``[Z, Y, X]`` and the encoder floor of each.
 
     ``reference`` (boolean ``[Z, Y, X]``) adds each run's Dice against it. Run (a) is run once untimed
-    first, so that no run pays for first-call set-up.
+    first, so that no run pays for first-call set-up. Each run's floor is timed right after it: on a shared
+    machine the speed drifts over minutes, and a floor timed at the end compared runs with other speeds.
     """
     memory = memory or MemoryOptions()
     common = dict(spacing=spacing, modality=modality, window=window, memory=memory, seed=seed)
@@ -171,6 +172,7 @@ def run(
         machine=machine(model.device),
         date=datetime.date.today().isoformat(),
     )
+    intensities = prepare_intensities(volume, modality=modality, window=window)
     segment_volume(model, volume, prompts, orientations=1, **common)  # warm-up
     for case in CASES:
         step = _progress_for(progress, case)
@@ -196,26 +198,22 @@ def run(
                 frames=sum(result.frames_visited.values()),
                 frames_encoded=result.frames_encoded,
                 frames_by_pass=dict(result.frames_visited),
+                encoder_seconds=encoder_seconds(model, intensities, result.frames_encoded),
                 voxels=int(found.sum()),
                 dice=None if reference is None else dice(found, reference),
             )
         )
-    intensities = prepare_intensities(volume, modality=modality, window=window)
-    floors = encoder_seconds(model, intensities, [m.frames_encoded for m in report.measurements])
-    for m in report.measurements:
-        m.encoder_seconds = floors[m.frames_encoded]
     return report
 
 
-def encoder_seconds(model: SAM2Model, intensities: np.ndarray, counts: Sequence[int]) -> dict[int, float]:
-    """Seconds ``model.encode_image`` takes for the first ``n`` frames, for each ``n`` in ``counts``.
+def encoder_seconds(model: SAM2Model, intensities: np.ndarray, count: int) -> float:
+    """Seconds ``model.encode_image`` takes for ``count`` frames.
 
     The frames are the volume's axial slices in turn (every frame is resized to the model's input size,
     so the cost does not depend on which slices they are); preparing a frame is not timed.
     """
     frames = FrameStack(intensities, model.config)
-    wanted = sorted(set(counts))
-    total, elapsed, done = {0: 0.0}, 0.0, 0
+    elapsed = 0.0
     precision = (
         torch.autocast(model.device.type, dtype=model.autocast_dtype)
         if model.autocast_dtype is not None
@@ -223,17 +221,14 @@ def encoder_seconds(model: SAM2Model, intensities: np.ndarray, counts: Sequence[
     )
     with torch.inference_mode(), precision:
         model.encode_image(frames.model_input(0, model.device, model.dtype))  # warm-up
-        for n in wanted:
-            while done < n:
-                image = frames.model_input(done % len(frames), model.device, model.dtype)
-                _synchronize(model.device)
-                started = time.perf_counter()
-                model.encode_image(image)
-                _synchronize(model.device)
-                elapsed += time.perf_counter() - started
-                done += 1
-            total[n] = elapsed
-    return total
+        for done in range(count):
+            image = frames.model_input(done % len(frames), model.device, model.dtype)
+            _synchronize(model.device)
+            started = time.perf_counter()
+            model.encode_image(image)
+            _synchronize(model.device)
+            elapsed += time.perf_counter() - started
+    return elapsed
 
 
 def machine(device: torch.device) -> dict[str, object]:

@@ -42,6 +42,8 @@ _ABSENT_FRAMES_TO_STOP = 3
 # Margin around the first pass's slice range for the extra axes: this fraction of the extent, or this many
 # voxels, whichever is larger.
 _ROI_MARGIN_FRACTION, _ROI_MARGIN_VOXELS = 0.15, 4
+# A further axis visits at least this many slices of its ROI, however far apart that puts them.
+_MIN_EXTRA_AXIS_SLICES = 8
 
 
 class Aggregation(str, Enum):
@@ -148,12 +150,13 @@ def segment_volume(
     model's mean predicted IoU where that axis found the object), ``"mean"`` probability or ``"majority"``
     vote. ``roi="auto"`` lets the extra axes visit only the slices where the first pass found the objects,
     plus a margin (at least 5 mm when ``spacing``, z, y, x in mm, is given), and count their votes only
-    inside each object's first-pass box plus that margin (``None``: every slice, every vote); with
-    ``spacing`` it also visits them about as far apart in mm as the prompt axis's slices, and the slices
-    between get interpolated votes. The model always sees whole slices, as in training. ``early_stop`` ends
-    a direction once every object has been absent for a few slices past the prompts. ``progress(done,
-    total, message)`` is called as frames complete; setting ``cancel`` stops within one frame with
-    :class:`Cancelled`.
+    inside each object's first-pass box plus that margin (``None``: every slice, every vote). It also visits
+    the extra axes' slices a step apart, so that their four orientations together predict no more frames
+    than the first pass did (and, with ``spacing``, at least as far apart in mm as the prompt axis's
+    slices); the slices between get interpolated votes. The model always sees whole slices, as in training.
+    ``early_stop`` ends a direction once every object has been absent for a few slices past the prompts.
+    ``progress(done, total, message)`` is called as frames complete; setting ``cancel`` stops within one
+    frame with :class:`Cancelled`.
     """
     started = time.perf_counter()
     volume = _checked_volume(volume)
@@ -193,29 +196,35 @@ def segment_volume(
         runner.run_axis(axis, own, slices=None, both_directions=orientations > 1, user_prompts=own)
     if orientations == 6:
         first_pass = votes.result()
+        plans = []
         for axis in range(3):
             objects = {o for o, a in primary_axis.items() if a != axis}
             extra = [p for p in prompts if p.obj_id in objects and p.axis == axis]
             seeds = _seed_prompts({o: first_pass[o] for o in objects}, axis)
             if not seeds and not extra:
                 continue
-            slices, vote_boxes, step = None, {}, 1
+            plan = _ExtraAxis(axis, objects, seeds + extra, extra, (0, volume.shape[axis]))
             if roi == "auto":
-                step = _extra_axis_step(spacing, [primary_axis[o] for o in objects], axis)
                 boxes = {o: _roi_box(first_pass[o] > 0.5, spacing) for o in objects}
-                slices = _roi_slices([b for b in boxes.values() if b], axis, [p.index for p in extra])
+                plan.slices = _roi_slices([b for b in boxes.values() if b], axis, [p.index for p in extra])
+                plan.slices = plan.slices or (0, volume.shape[axis])
                 # The user's own prompts on this axis may reach past what the first pass found.
                 corrected = {p.obj_id for p in extra}
-                vote_boxes = {o: b for o, b in boxes.items() if b and o not in corrected}
+                plan.vote_boxes = {o: b for o, b in boxes.items() if b and o not in corrected}
+                plan.step = _extra_axis_step(spacing, [primary_axis[o] for o in objects], axis)
+            plans.append(plan)
+        if roi == "auto":
+            _fit_extra_axes_to_budget(plans, budget=sum(result.frames_visited.values()))
+        for plan in plans:
             runner.run_axis(
-                axis,
-                seeds + extra,
-                slices=slices,
+                plan.axis,
+                plan.prompts,
+                slices=plan.slices,
                 both_directions=True,
-                user_prompts=extra,
-                vote_boxes=vote_boxes,
-                guides={o: first_pass[o] > 0.5 for o in objects},
-                step=step,
+                user_prompts=plan.user_prompts,
+                vote_boxes=plan.vote_boxes,
+                guides={o: first_pass[o] > 0.5 for o in plan.objects},
+                step=plan.step,
             )
 
     probabilities = votes.result()
@@ -225,6 +234,26 @@ def segment_volume(
     runner.finish()
     result.timings["total"] = time.perf_counter() - started
     return result
+
+
+@dataclass
+class _ExtraAxis:
+    """The run planned along a further ``axis`` for ``objects``: its ``prompts`` (seeds, then the user's
+    ``user_prompts`` on that axis), the slice range ``[start, stop)`` it covers, the objects' vote boxes and
+    the step between the slices it visits."""
+
+    axis: int
+    objects: set[int]
+    prompts: list[Prompt]
+    user_prompts: list[Prompt]
+    slices: tuple[int, int]
+    vote_boxes: dict[int, Box] = field(default_factory=dict)
+    step: int = 1
+
+    def frames(self, step: int) -> int:
+        """The frames the run predicts, forward and reverse, if it visits every ``step``-th slice."""
+        # Both directions predict their starting slice.
+        return len(_visited_slices(*self.slices, [p.index for p in self.prompts], step)) + 1
 
 
 @dataclass
@@ -423,6 +452,21 @@ def _extra_axis_step(spacing: Sequence[float] | None, prompt_axes: list[int], ax
     if spacing is None:
         return 1
     return max(1, round(min(spacing[a] for a in prompt_axes) / spacing[axis]))
+
+
+def _fit_extra_axes_to_budget(plans: list[_ExtraAxis], budget: int) -> None:
+    """Widen the steps of the further axes' runs, all alike, until together they predict at most ``budget``
+    frames (the first pass's): four more orientations for the cost of the first two, instead of about three
+    times it on an isotropic volume, where an extra axis's ROI is as deep as the object is wide. A run still
+    visits at least ``_MIN_EXTRA_AXIS_SLICES`` slices of its range, so a thin object is not skipped over. The
+    held-out Dice did not drop when every extra axis was visited six slices apart (BENCHMARKS.md section 4)."""
+    limits = [max(plan.step, (plan.slices[1] - plan.slices[0]) // _MIN_EXTRA_AXIS_SLICES) for plan in plans]
+    for step in range(1, max(limits, default=1) + 1):
+        steps = [max(plan.step, min(step, limit)) for plan, limit in zip(plans, limits)]
+        if sum(plan.frames(s) for plan, s in zip(plans, steps)) <= budget:
+            break
+    for plan, step in zip(plans, steps):
+        plan.step = step
 
 
 def _visited_slices(first: int, last: int, prompted: list[int], step: int) -> list[int]:
