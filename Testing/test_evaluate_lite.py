@@ -129,13 +129,36 @@ def test_summary_names_the_structures_where_memory_loses():
     results["summary"] = summary
     table = ev.markdown(results)
     assert "| A | spleen | 0.400 / 1.0 |" in table and "**0.600**" in table
+    assert summary["mean_dice_by_volume"]["A"][ev.METHODS[3]] == pytest.approx(0.65)
+    assert "| A | mean Dice | 0.600 | 0.500 | 0.500 | 0.650 | 0.900 |" in table
 
 
-def _nifti_bytes(array: np.ndarray, folder: Path) -> bytes:
+def test_evaluate_runs_only_the_parts_asked_for(tmp_path):
+    with pytest.raises(ValueError, match="unknown evaluation part"):
+        ev.evaluate(tmp_path / "none.safetensors", tmp_path, only=["Nowhere"])
+
+
+def _nifti_bytes(array: np.ndarray, folder: Path, spacing=3.0, origin=(0.0, 0.0, 0.0)) -> bytes:
     image = sitk.GetImageFromArray(array)
-    image.SetSpacing((3.0, 3.0, 3.0))
+    image.SetSpacing((spacing,) * 3)
+    image.SetOrigin(origin)
     sitk.WriteImage(image, str(folder / "written.nii.gz"))
     return (folder / "written.nii.gz").read_bytes()
+
+
+def _chest_ct_members(folder: Path) -> dict[str, bytes]:
+    """The chest CT at 1.5 mm (8 voxels a side); the heart on its grid (the first 4 voxels of each axis),
+    the aorta on a crop of 2 voxels a side from 6 mm on; the other two structures empty."""
+    heart = np.zeros((8, 8, 8), np.uint8)
+    heart[:4, :4, :4] = 1
+    members = {
+        ev._CHEST_CT: _nifti_bytes(np.full((8, 8, 8), 40, np.int16), folder, spacing=1.5),
+        ev._CHEST_CT_MASKS["heart"]: _nifti_bytes(heart, folder, spacing=1.5),
+        ev._CHEST_CT_MASKS["aorta"]: _nifti_bytes(np.ones((2, 2, 2), np.uint8), folder, 1.5, (6.0,) * 3),
+    }
+    for name in ("pulmonary_artery", "vertebrae_T12"):
+        members[ev._CHEST_CT_MASKS[name]] = _nifti_bytes(np.zeros((8, 8, 8), np.uint8), folder, spacing=1.5)
+    return {ev._TOTALSEG_FILES + name: data for name, data in members.items()}
 
 
 def test_totalsegmentator_volumes_are_read_from_the_sdist_with_their_class_names(tmp_path, monkeypatch):
@@ -153,19 +176,30 @@ def test_totalsegmentator_volumes_are_read_from_the_sdist_with_their_class_names
         ev._TOTALSEG_FILES + "example_seg.nii.gz": _nifti_bytes(labels, tmp_path),
         ev._TOTALSEG_FILES + "example_mr_sm.nii.gz": _nifti_bytes(np.ones((4, 5, 6), np.int16), tmp_path),
         ev._TOTALSEG_FILES + "example_seg_mr.nii.gz": _nifti_bytes(labels, tmp_path),
+        **_chest_ct_members(tmp_path),
     }
     with tarfile.open(tmp_path / ev.TOTALSEG_SDIST, "w:gz") as archive:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
             archive.addfile(info, io.BytesIO(data))
-    ct, mr = ev._totalsegmentator(tmp_path / ev.TOTALSEG_SDIST)
+    ct, mr, chest = ev._totalsegmentator(tmp_path / ev.TOTALSEG_SDIST)
     assert ct.structures == {"liver": 5} and mr.structures == {"spleen": 1}
     assert ct.mask("liver").sum() == 2 * 3 * 3 and mr.mask("spleen").sum() == 1
     assert ct.image.shape == (4, 5, 6) and ct.spacing == (3.0, 3.0, 3.0) and ct.modality == "ct"
+    # The chest CT is resampled to 3 mm, and each mask lands where it lies in mm, the crop's included.
+    assert chest.image.shape == (4, 4, 4) and chest.spacing == (3.0, 3.0, 3.0) and chest.modality == "ct"
+    np.testing.assert_allclose(chest.image, 40.0)
+    assert list(chest.structures) == ["heart", "aorta", "pulmonary_artery", "vertebrae_T12"]
+    assert np.argwhere(chest.mask("heart")).tolist() == [
+        [z, y, x] for z in (0, 1) for y in (0, 1) for x in (0, 1)
+    ]
+    assert np.argwhere(chest.mask("aorta")).tolist() == [[2, 2, 2]]
+    assert not chest.mask("pulmonary_artery").any()
     assert [v.name for v in ev.held_out_volumes(tmp_path)][1:] == [
         "TotalSegmentator CT",
         "TotalSegmentator MR",
+        "TotalSegmentator chest CT",
     ]
 
 

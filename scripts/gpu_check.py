@@ -78,8 +78,9 @@ def speed(dtype: str | None, volume: np.ndarray, device: str, image_size: int) -
     depth, size = volume.shape[0], volume.shape[1]
     prompt = medsam2.Prompt(axis=0, index=depth // 2, box=(0.3 * size, 0.35 * size, 0.6 * size, 0.65 * size))
     memory = medsam2.MemoryOptions(storage_dtype="bfloat16" if dtype else "float32")
+    warm_up = volume[:8]
     medsam2.segment_volume(
-        model, volume[:8], [medsam2.Prompt(axis=0, index=4, box=prompt.box)], orientations=2
+        model, warm_up, [medsam2.Prompt(axis=0, index=len(warm_up) // 2, box=prompt.box)], orientations=2
     )
     _sync(dev)
     if dev.type == "cuda":
@@ -109,9 +110,7 @@ def speed(dtype: str | None, volume: np.ndarray, device: str, image_size: int) -
         "frames_per_second": round(frames / seconds, 1),
         "encoder_ms_per_frame": round(1000 * encoder, 2),
         "encoder_floor_seconds": round(encoder * frames, 2),
-        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        if dev.type == "cuda"
-        else None,
+        "peak_gpu_memory_gib": _peak_memory_gib(dev),
     }
 
 

@@ -3,7 +3,7 @@
     medsam2 train prepare  --workdir W [--budget N]     resample the sources, cache TinyViT features
     medsam2 train run      --workdir W [--steps N] [--minutes M]   train (resumes from W/checkpoint.pt)
     medsam2 train export   --workdir W [--out FILE]     write the shipped weights + provenance JSON
-    medsam2 train evaluate [--weights FILE] [--out F]   held-out volumes: methods (i)-(v), 2D one-prompt
+    medsam2 train evaluate [--weights FILE] [--out F] [--only NAME]   held-out volumes: methods (i)-(v), 2D one-prompt
 
 Data, held-out split and cache: ``medsam2.train.data``; sequences and prompts: ``.sequences``; the tracking
 pass and losses: ``.step``; optimiser, schedule and checkpoints: ``.trainer``.
@@ -162,7 +162,7 @@ def _means(records: list[dict]) -> dict[str, float]:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, markdown
 
-    results = evaluate(args.weights, args.data_dir, args.litemedsam, jobs=args.jobs)
+    results = evaluate(args.weights, args.data_dir, args.litemedsam, jobs=args.jobs, only=args.only)
     results["weights"] = str(args.weights)
     table = markdown(results)
     print(table)
@@ -224,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default=None, help="JSON results (a Markdown table is written next to it)")
     p.add_argument("--jobs", type=int, default=1, help="volumes evaluated in parallel, one thread each")
+    p.add_argument(
+        "--only",
+        action="append",
+        metavar="NAME",
+        help="evaluate only this volume (e.g. 'CTChest4', or '2D one-prompt'); repeatable",
+    )
     p.set_defaults(func=cmd_evaluate)
     return parser
 
