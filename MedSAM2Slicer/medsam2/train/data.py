@@ -9,7 +9,8 @@ Sources (DESIGN.md section 5; all offline, from packages):
   atlas (116 regions) on the same grid (``apt-get install mricron-data``).
 
 Held out (never used for training, :data:`HELD_OUT`): slicerio's CTChest4 with its Segmentation.seg.nrrd
-(the demo's volume) and TotalSegmentator's small test CT and MR, which ``medsam2.train.evaluate`` uses.
+(the demo's volume), TotalSegmentator's small test CT and MR, and the chest CT of its aorta report, which
+``medsam2.train.evaluate`` uses.
 
 Each volume is prepared as the engine prepares a user's volume (``medsam2.preprocess.prepare_intensities``:
 CT abdomen window, MR 0.5-99.5 percentiles) and resampled to isotropic voxels whose largest side is 256. A
@@ -61,6 +62,8 @@ SOURCES = {
 HELD_OUT = (
     "slicerio CTChest4.nrrd + Segmentation.seg.nrrd",
     "TotalSegmentator 2.18.0 tests/reference_files example_ct_sm + example_seg, example_mr_sm + example_seg_mr",
+    "TotalSegmentator 2.18.0 tests/reference_files aorta_report/example_ct (chest CT) + heart, aorta, "
+    "pulmonary_artery, vertebrae_T12 masks",
 )
 
 
