@@ -201,6 +201,8 @@ def test_totalsegmentator_volumes_are_read_from_the_sdist_with_their_class_names
         "TotalSegmentator MR",
         "TotalSegmentator chest CT",
     ]
+    assert ev.held_out_names(tmp_path) == [v.name for v in ev.held_out_volumes(tmp_path)]
+    assert [v.name for v in ev.held_out_volumes(tmp_path, ["TotalSegmentator MR"])] == ["TotalSegmentator MR"]
 
 
 _KILLED_PARENT = """

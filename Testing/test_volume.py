@@ -339,7 +339,7 @@ def _plans(*ranges_and_steps) -> list[_ExtraAxis]:
     plans = []
     for axis, ((start, stop), step) in enumerate(ranges_and_steps, start=1):
         seed = Prompt(axis=axis, index=(start + stop) // 2, box=(0, 0, 4, 4))
-        plans.append(_ExtraAxis(axis, {1}, [seed], [], (start, stop), step=step))
+        plans.append(_ExtraAxis(axis, [seed], [], (start, stop), step=step))
     return plans
 
 

@@ -15,6 +15,7 @@ from . import __version__, commands
 from .cli_inputs import AXES
 from .errors import Cancelled, MedSAM2Error
 from .preprocess import MODALITIES, WINDOW_PRESETS
+from .volume import Aggregation
 
 DEFAULT_MODEL = "medsam2-lite"
 # Subcommands whose arguments belong to another module: ``medsam2 <name> ARGS`` calls ``medsam2.<name>.main``.
@@ -275,8 +276,8 @@ def _volume_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--aggregate",
-        choices=("confidence", "mean", "majority"),
-        default="confidence",
+        choices=[a.value for a in Aggregation],
+        default=Aggregation.CONFIDENCE.value,
         help="how the orientations vote (default: confidence, the mean probability with each axis weighted "
         "by the model's mean predicted IoU on it)",
     )

@@ -43,7 +43,7 @@ import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +63,9 @@ from ..volume import segment_volume
 TOTALSEG_SDIST = "totalsegmentator-2.18.0.tar.gz"
 _TOTALSEG_FILES = "totalsegmentator-2.18.0/tests/reference_files/"
 _TOTALSEG_CLASSES = "totalsegmentator-2.18.0/totalsegmentator/map_to_binary.py"
+_TOTALSEG_VOLUMES = ("TotalSegmentator CT", "TotalSegmentator MR", "TotalSegmentator chest CT")
+# The 2D one-prompt setting: the template volume, and the other modality.
+_ONE_PROMPT_VOLUMES = ("TotalSegmentator CT", "TotalSegmentator MR")
 
 # Compact structures with a box-shaped extent on their slices (ribs, the body outline and costal cartilage
 # are not something one box describes).
@@ -122,12 +125,17 @@ class HeldOutVolume:
         return CT_WINDOWS.get(structure) if self.modality == "ct" else None
 
 
-def held_out_volumes(data_dir: Path) -> list[HeldOutVolume]:
-    """CTChest4 always; the two TotalSegmentator volumes when the sdist is in ``data_dir``."""
-    volumes = [_ctchest4()]
-    sdist = Path(data_dir) / TOTALSEG_SDIST
-    if sdist.is_file():
-        volumes += _totalsegmentator(sdist)
+def held_out_names(data_dir: Path) -> list[str]:
+    """The held-out volumes there are: CTChest4 always, TotalSegmentator's when the sdist is in ``data_dir``."""
+    return ["CTChest4"] + (list(_TOTALSEG_VOLUMES) if (Path(data_dir) / TOTALSEG_SDIST).is_file() else [])
+
+
+def held_out_volumes(data_dir: Path, names: Collection[str] | None = None) -> list[HeldOutVolume]:
+    """The volumes of :func:`held_out_names`, or only the ``names`` among them (the others are not read)."""
+    wanted = [n for n in held_out_names(data_dir) if names is None or n in names]
+    volumes = [_ctchest4()] if "CTChest4" in wanted else []
+    if set(wanted) & set(_TOTALSEG_VOLUMES):
+        volumes += _totalsegmentator(Path(data_dir) / TOTALSEG_SDIST, wanted)
     return volumes
 
 
@@ -150,7 +158,7 @@ def _ctchest4() -> HeldOutVolume:
     )
 
 
-def _totalsegmentator(sdist: Path) -> list[HeldOutVolume]:
+def _totalsegmentator(sdist: Path, names: Collection[str] = _TOTALSEG_VOLUMES) -> list[HeldOutVolume]:
     import SimpleITK as sitk
 
     out = []
@@ -168,6 +176,8 @@ def _totalsegmentator(sdist: Path) -> list[HeldOutVolume]:
             ("TotalSegmentator CT", "ct", "example_ct_sm.nii.gz", "example_seg.nii.gz", "total"),
             ("TotalSegmentator MR", "mr", "example_mr_sm.nii.gz", "example_seg_mr.nii.gz", "total_mr"),
         ):
+            if name not in names:
+                continue
             image, labels = read(image_file), read(label_file)
             values = {n: v for v, n in class_maps[task].items()}
             out.append(
@@ -180,7 +190,8 @@ def _totalsegmentator(sdist: Path) -> list[HeldOutVolume]:
                     {s: values[s] for s in STRUCTURES[name]},
                 )
             )
-        out.append(_chest_ct(read))
+        if "TotalSegmentator chest CT" in names:
+            out.append(_chest_ct(read))
     return out
 
 
@@ -394,9 +405,9 @@ def one_prompt_2d(
 ) -> dict:
     """The 2D one-prompt setting between the TotalSegmentator CT (template) and MR volumes."""
     by_name = {v.name: v for v in volumes}
-    if not {"TotalSegmentator CT", "TotalSegmentator MR"} <= set(by_name):
+    if not set(_ONE_PROMPT_VOLUMES) <= set(by_name):
         return {}
-    ct, mr = by_name["TotalSegmentator CT"], by_name["TotalSegmentator MR"]
+    ct, mr = (by_name[n] for n in _ONE_PROMPT_VOLUMES)
     ct_int, mr_int = (prepare_intensities(v.image, modality=v.modality) for v in (ct, mr))
     out = {}
     for name in sorted(set(ct.structures) & set(mr.structures)):
@@ -496,7 +507,7 @@ def _run_job(job: str, weights: Path, litemedsam: str | Path | None, data_dir: P
     """One volume's evaluation, or the 2D one-prompt setting (a worker process's whole task)."""
     torch.set_num_threads(threads)
     model, baseline = load_models(weights, litemedsam)
-    volumes = held_out_volumes(data_dir)
+    volumes = held_out_volumes(data_dir, _ONE_PROMPT_VOLUMES if job == ONE_PROMPT_JOB else [job])
     if job == ONE_PROMPT_JOB:
         started = time.perf_counter()
         return {"rows": one_prompt_2d(model, volumes, baseline), "seconds": time.perf_counter() - started}
@@ -518,7 +529,7 @@ def evaluate(
     ``jobs`` > 1 evaluates the volumes (and the 2D setting) in that many processes of one thread each; the
     seconds per method are then those of a process sharing the machine.
     """
-    names = [v.name for v in held_out_volumes(data_dir)] + [ONE_PROMPT_JOB]
+    names = held_out_names(data_dir) + [ONE_PROMPT_JOB]
     if only:
         unknown = sorted(set(only) - set(names))
         if unknown:
