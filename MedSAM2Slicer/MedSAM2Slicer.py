@@ -1,10 +1,12 @@
 """MedSAM2: prompt one slice, segment the structure through the whole volume (3D Slicer module).
 
 A thin front end in the shape of Slicer's scripted-module template: the panel is ``Resources/UI/MedSAM2Slicer.ui``,
-its settings live in a parameter node, and ``MedSAM2SlicerLib`` does the work (prompts from markups, the engine
-run on a background thread, the segment written with undo). Nothing heavy is imported when Slicer loads the
-module: PyTorch and the engine are imported on first use, after ``dependencies.ensure`` installed what is
-missing.
+its settings live in a parameter node, and ``MedSAM2SlicerLib`` does the work (prompts from markups, the
+segment written with undo). The engine never runs in the Slicer process: a QTimer polls a run on an engine
+server, which Slicer starts as its child process (or which runs on another computer), because PythonQt keeps
+Python's GIL on the GUI thread and a worker thread here would crawl. Nothing heavy is imported when Slicer
+loads the module: PyTorch and the engine are imported on first use, after ``dependencies.ensure`` installed
+what is missing.
 """
 
 # No ``from __future__ import annotations`` here: parameterNodeWrapper reads the field annotations as types.
@@ -39,6 +41,7 @@ from slicer.util import VTKObservationMixin
 DEFAULT_MODEL = "medsam2-lite"
 LOCAL_FILE = "<local file>"  # the model combo's entry for a checkpoint chosen on disk
 DEVICES = ["auto", "cuda", "cpu", "mps"]
+LOCAL_ENGINE, REMOTE_ENGINE = "this computer", "server"
 POLL_INTERVAL_MS = 100
 # Segment Editor takes single letters, digits and Ctrl+Z/Ctrl+Y; Slicer's menus take Ctrl+<letter> (Ctrl+S
 # saves). Ctrl+Shift+<letter> is free in both; S is avoided because Ctrl+Shift+S means "save as" on many
@@ -112,17 +115,18 @@ class MedSAM2SlicerParameterNode:
     aggregation: Annotated[str, Choice(["confidence", "mean", "majority"])] = "confidence"
     memoryPolicy: Annotated[str, Choice(["self-sorting", "recent"])] = "self-sorting"
     confidenceThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+    engine: Annotated[str, Choice([LOCAL_ENGINE, REMOTE_ENGINE])] = LOCAL_ENGINE
+    serverUrl: str = ""
 
 
 @dataclass
 class Run:
-    """A job in flight on the worker: ``kind`` is "segment" or "correct"; ``discard`` drops its result."""
+    """A run in flight on the engine server (``job``, a ``ServerRun``): ``kind`` is "segment" or "correct"."""
 
     kind: str
     request: object
     job: object
     started: float
-    discard: bool = False
 
 
 class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -188,6 +192,7 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.clicked.connect(self.onApplyButton)
         self.ui.propagateCorrectionsButton.clicked.connect(self.onPropagateCorrections)
         self.ui.undoButton.clicked.connect(self.onUndo)
+        self.ui.testConnectionButton.clicked.connect(self.onTestConnection)
         self._addShortcuts()
         self.initializeParameterNode()
 
@@ -199,6 +204,8 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._shortcuts = []
         if self._run is not None:
             self._run.job.cancel()
+            self._run = None
+        self.logic.shutdownEngine()
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -211,8 +218,8 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         if self._run is not None:  # its nodes are about to go
-            self._run.discard = True
             self._run.job.cancel()
+            self._endRun(_("The run was stopped: the scene was closed."))
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -258,6 +265,15 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.boxPlaceWidget.setCurrentNode(p.box)
         localFile = p.modelName == LOCAL_FILE
         self.ui.modelPathLabel.visible = self.ui.modelPathLineEdit.visible = localFile
+        remote = p.engine == REMOTE_ENGINE
+        for widget in (
+            self.ui.serverUrlLabel,
+            self.ui.serverUrlLineEdit,
+            self.ui.serverTokenLabel,
+            self.ui.serverTokenLineEdit,
+        ):
+            widget.visible = remote
+        self.ui.engineStatusLabel.text = self.logic.engineDescription(p)
         self.ui.modelStatusLabel.text = model_choice().status(p.modelName, p.modelPath)
         if model_choice().engine_importable():  # no mask prompt can be set before
             self.ui.maskPromptLabel.text = panel().mask_description(p)
@@ -273,6 +289,7 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.inputsCollapsibleButton,
             self.ui.promptsCollapsibleButton,
             self.ui.modelCollapsibleButton,
+            self.ui.engineCollapsibleButton,
             self.ui.optionsCollapsibleButton,
         ):
             widget.enabled = not running
@@ -391,6 +408,7 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         with slicer.util.tryWithErrorDisplay(_("Cannot start the segmentation."), waitCursor=True):
             self._ensureDependencies()
+            self.logic.useEngine(self._parameterNode, self.ui.serverTokenLineEdit.text)
             self._start(self.logic.startSegmentation(self._parameterNode), _("Segmenting"))
 
     def onPropagateCorrections(self) -> None:
@@ -398,7 +416,14 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         with slicer.util.tryWithErrorDisplay(_("Cannot propagate the corrections."), waitCursor=True):
             self._ensureDependencies()
+            self.logic.useEngine(self._parameterNode, self.ui.serverTokenLineEdit.text)
             self._start(self.logic.startCorrection(self._parameterNode), _("Propagating corrections"))
+
+    def onTestConnection(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Cannot reach the engine."), waitCursor=True):
+            self._ensureDependencies()
+            self.logic.useEngine(self._parameterNode, self.ui.serverTokenLineEdit.text)
+            self.ui.engineStatusLabel.text = self.logic.testConnection()
 
     def onUndo(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Cannot undo."), waitCursor=True):
@@ -409,60 +434,64 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _start(self, run, what: str) -> None:
         self._run = run
         self.ui.progressBar.setRange(0, 0)  # busy until the first progress report
-        self.ui.statusLabel.text = _("{what}: loading the model...").format(what=what)
+        self.ui.statusLabel.text = _("{what}: {status}...").format(what=what, status=run.job.status.message)
         self._timer.start()
         self._updateGUI()
 
     def _cancel(self) -> None:
+        """Give the panel back at once: the engine is asked to stop, and its answer is not awaited."""
         self._run.job.cancel()
-        self.ui.applyButton.enabled = False
-        self.ui.statusLabel.text = _("Cancelling...")
+        self._endRun(_("Cancelled: the segment is unchanged."))
 
     def _poll(self) -> None:
+        """One step of the run (at most one short request to the engine), from the timer."""
         run = self._run
         if run is None:
             self._timer.stop()
             return
-        for update in run.job.progress_updates():
-            self.ui.progressBar.setRange(0, max(update.total, 1))
-            self.ui.progressBar.value = update.done
+        status = run.job.poll()
+        if status.total:
+            self.ui.progressBar.setRange(0, status.total)
+            self.ui.progressBar.value = status.done
             self.ui.statusLabel.text = _("{message} ({done} of {total})").format(
-                message=update.message, done=update.done, total=update.total
+                message=status.message, done=status.done, total=status.total
             )
-        self._showDownload()
+        elif status.message:
+            self.ui.statusLabel.text = status.message
+        self._showDownload(status.download)
         if not run.job.done:
             return
+        if self.logic.wasCancelled(run):
+            self._endRun(_("Cancelled: the segment is unchanged."))
+            return
+        self._endRun(_("Failed: see the error message."))
+        with slicer.util.tryWithErrorDisplay(_("MedSAM2 could not segment."), waitCursor=True):
+            self.ui.statusLabel.text = self.logic.finish(self._parameterNode, run)
+            self.ui.progressBar.value = 1
+        self._updateGUI()
+
+    def _endRun(self, message: str) -> None:
         self._timer.stop()
         self._run = None
         self.ui.progressBar.setRange(0, 1)
         self.ui.progressBar.value = 0
         self.ui.downloadProgressBar.hide()
-        try:
-            if run.discard:
-                self.ui.statusLabel.text = _("The run was stopped: the scene was closed.")
-            elif self.logic.wasCancelled(run):
-                self.ui.statusLabel.text = _("Cancelled: the segment is unchanged.")
-            else:
-                with slicer.util.tryWithErrorDisplay(_("MedSAM2 could not segment."), waitCursor=True):
-                    self.ui.statusLabel.text = _("Failed: see the error message.")
-                    self.ui.statusLabel.text = self.logic.finish(self._parameterNode, run)
-                    self.ui.progressBar.value = 1
-        finally:
-            self._updateGUI()
+        self.ui.statusLabel.text = message
+        self._updateGUI()
 
-    def _showDownload(self) -> None:
-        p = self._parameterNode
-        fraction = model_choice().download_progress(p.modelName) if p else None
+    def _showDownload(self, download) -> None:
+        """A model download on the engine: ``(bytes done, total bytes or None)``, or None."""
         bar = self.ui.downloadProgressBar
-        if fraction is None:
+        if download is None:
             bar.hide()
             return
         bar.show()
-        if fraction < 0:  # size unknown
+        done, total = download
+        if not total:  # size unknown
             bar.setRange(0, 0)
         else:
             bar.setRange(0, 1000)
-            bar.value = int(fraction * 1000)
+            bar.value = int(1000 * done / total)
         self.ui.modelStatusLabel.text = _("downloading...")
 
     def _addShortcuts(self) -> None:
@@ -483,7 +512,8 @@ class MedSAM2SlicerLogic(ScriptedLoadableModuleLogic):
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self._segmentation = None
-        self._worker = None
+        self._localEngine = None
+        self._remote = None  # ((url, token), RemoteEngine)
 
     def getParameterNode(self):
         return MedSAM2SlicerParameterNode(super().getParameterNode())
@@ -492,10 +522,12 @@ class MedSAM2SlicerLogic(ScriptedLoadableModuleLogic):
     def segmentation(self):
         """The library's logic (imports PyTorch: use after ``dependencies.ensure``)."""
         if self._segmentation is None:
-            from MedSAM2SlicerLib import SegmentationLogic, Worker
+            from MedSAM2SlicerLib import LocalEngine, SegmentationLogic
 
-            self._segmentation = SegmentationLogic(model=DEFAULT_MODEL, device="auto")
-            self._worker = Worker()
+            self._localEngine = LocalEngine()
+            self._segmentation = SegmentationLogic(
+                model=DEFAULT_MODEL, device="auto", engine=self._localEngine
+            )
         return self._segmentation
 
     @property
@@ -504,6 +536,37 @@ class MedSAM2SlicerLogic(ScriptedLoadableModuleLogic):
 
     def undo(self) -> bool:
         return self._segmentation is not None and self._segmentation.undo()
+
+    # -- engine ---------------------------------------------------------------------------------------------------
+
+    def useEngine(self, p, token: str) -> None:
+        """Run on this computer's engine server, or on the server at ``p.serverUrl`` with ``token``."""
+        if p.engine == LOCAL_ENGINE:
+            self.segmentation.engine = self._localEngine
+            return
+        if not p.serverUrl:
+            raise ValueError(_("Enter the engine server's URL (Engine section)."))
+        if self._remote is None or self._remote[0] != (p.serverUrl, token):
+            from MedSAM2SlicerLib import RemoteEngine
+
+            self._remote = ((p.serverUrl, token), RemoteEngine(p.serverUrl, token))
+        self.segmentation.engine = self._remote[1]
+
+    def engineDescription(self, p) -> str:
+        if self._segmentation is None:
+            return _("starts with the first run") if p.engine == LOCAL_ENGINE else _("not connected")
+        return self._segmentation.engine.describe()
+
+    def testConnection(self) -> str:
+        """Ask the engine for its facts (starting this computer's server if needed); one line for the panel."""
+        from MedSAM2SlicerLib import engines
+
+        return engines.connection_summary(self.segmentation.engine)
+
+    def shutdownEngine(self) -> None:
+        """Stop this computer's engine server (it would also exit by itself when Slicer does)."""
+        if self._localEngine is not None:
+            self._localEngine.shutdown()
 
     # -- models ---------------------------------------------------------------------------------------------------
 
@@ -555,7 +618,7 @@ class MedSAM2SlicerLogic(ScriptedLoadableModuleLogic):
     # -- runs ---------------------------------------------------------------------------------------------------
 
     def startSegmentation(self, p) -> Run:
-        """Copy the inputs out of the scene and queue the engine run on the worker thread (GUI thread)."""
+        """Copy the inputs out of the scene and hand the run to the engine server (GUI thread)."""
         self.useModel(model_choice().source(p.modelName, p.modelPath), p.device)
         prompts = panel().panel_prompts(p)
         if p.segmentation is None:
@@ -563,7 +626,7 @@ class MedSAM2SlicerLogic(ScriptedLoadableModuleLogic):
         request = self.segmentation.prepare(
             p.inputVolume, p.segmentation, prompts, p.segmentID or None, panel().engine_options(p)
         )
-        return Run("segment", request, self._worker.submit(self.segmentation.run, request), time.time())
+        return Run("segment", request, self.segmentation.start(request), time.time())
 
     def startCorrection(self, p) -> Run:
         """Queue a re-propagation of the selected segment from the slices edited since MedSAM2 wrote it."""
@@ -573,12 +636,12 @@ class MedSAM2SlicerLogic(ScriptedLoadableModuleLogic):
         request, _correction = self.segmentation.prepare_correction(
             p.inputVolume, p.segmentation, p.segmentID, options=panel().engine_options(p)
         )
-        return Run("correct", request, self._worker.submit(self.segmentation.run, request), time.time())
+        return Run("correct", request, self.segmentation.start(request), time.time())
 
     def wasCancelled(self, run: Run) -> bool:
-        from medsam2.errors import Cancelled
+        from MedSAM2SlicerLib.engines import RunPhase
 
-        return isinstance(run.job.exception(), Cancelled)
+        return run.job.status.phase is RunPhase.CANCELLED
 
     def finish(self, p, run: Run) -> str:
         """Write a finished run's result into its segment (GUI thread); returns a line for the status label."""
@@ -592,12 +655,10 @@ class MedSAM2SlicerLogic(ScriptedLoadableModuleLogic):
             seconds=time.time() - run.started,
         )
 
-    def process(self, p, timeout: float = 3600.0) -> str:
-        """Segment synchronously (scripts): start, wait for the worker, write; returns the segment ID."""
+    def process(self, p) -> str:
+        """Segment synchronously (scripts): start, wait for the engine, write; returns the segment ID."""
         run = self.startSegmentation(p)
-        if not run.job.wait(timeout):
-            run.job.cancel()
-            raise TimeoutError(f"MedSAM2 did not finish within {timeout} s")
+        run.job.wait()
         self.finish(p, run)
         return p.segmentID
 

@@ -7,7 +7,6 @@ back must cover exactly the voxels under the prompt: any error in geometry, axis
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,7 +20,7 @@ from vtk.util import numpy_support
 
 import medsam2
 from medsam2.errors import Cancelled, InputError
-from MedSAM2SlicerLib import MaskSegment, SegmentationLogic, Worker, read_segment_mask, volume_geometry
+from MedSAM2SlicerLib import MaskSegment, SegmentationLogic, read_segment_mask, volume_geometry
 from MedSAM2SlicerLib.geometry import VolumeGeometry, volume_array
 
 DATA = Path(slicerio.__file__).parent / "data"
@@ -560,82 +559,6 @@ def test_threshold_cuts_the_probability_map(scene):
     prompt = medsam2.prompts.Prompt(axis=0, index=5, points=[(3, 3)])
     segment_id = logic.segment(volume, segmentation, [prompt], threshold=0.75)
     np.testing.assert_array_equal(segment_on_grid(segmentation, segment_id, volume), ramp >= 0.75)
-
-
-# -- worker thread -------------------------------------------------------------------------------------------
-
-
-def test_worker_runs_jobs_in_order_on_one_background_thread_with_progress():
-    worker = Worker()
-    threads = []
-
-    def job(n, progress, cancel):
-        threads.append(threading.get_ident())
-        for step in range(3):
-            progress(step + 1, 3, f"job {n} step {step + 1}")
-        return n * 10
-
-    jobs = [worker.submit(job, n) for n in range(3)]
-    assert [j.result(timeout=5) for j in jobs] == [0, 10, 20]
-    assert len(set(threads)) == 1 and threads[0] != threading.get_ident()
-    updates = jobs[1].progress_updates()
-    assert [(p.done, p.total, p.message) for p in updates] == [(s, 3, f"job 1 step {s}") for s in (1, 2, 3)]
-    assert jobs[1].progress_updates() == []
-    worker.shutdown(timeout=5)
-
-
-def test_worker_cancels_running_and_queued_jobs_and_returns_errors():
-    worker = Worker()
-    started = threading.Event()
-
-    def long_job(progress, cancel):
-        started.set()
-        while not cancel.wait(0.01):
-            progress(0, 1, "waiting")
-        raise Cancelled("stopped by the user")
-
-    def failing_job(progress, cancel):
-        raise ValueError("bad volume")
-
-    running = worker.submit(long_job)
-    queued = worker.submit(long_job)
-    failing = worker.submit(failing_job)
-    assert started.wait(5)
-    assert not running.done
-    queued.cancel()
-    running.cancel()
-    with pytest.raises(Cancelled, match="stopped by the user"):
-        running.result(timeout=5)
-    with pytest.raises(Cancelled, match="before it started"):
-        queued.result(timeout=5)
-    with pytest.raises(ValueError, match="bad volume"):
-        failing.result(timeout=5)
-    assert isinstance(failing.exception(), ValueError)
-    with pytest.raises(TimeoutError):
-        worker.submit(lambda progress, cancel: time.sleep(0.5)).result(timeout=0.01)
-    worker.shutdown(timeout=5)
-
-
-def test_logic_run_on_the_worker_and_apply_on_the_caller_thread(scene):
-    volume = load_ct(scene)
-    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
-    logic = new_logic(OracleEngine(cancel_after=0))  # waits for the cancel event
-    prompt = medsam2.prompts.Prompt(axis=0, index=9, box=(5, 5, 20, 20))
-    worker = Worker()
-    cancelled = worker.submit(logic.run, logic.prepare(volume, segmentation, [prompt]))
-    cancelled.cancel()
-    with pytest.raises(Cancelled):
-        cancelled.result(timeout=5)
-    assert segmentation.GetSegmentation().GetNumberOfSegments() == 0
-
-    logic.engine.cancel_after = None
-    request = logic.prepare(volume, segmentation, [prompt])
-    job = worker.submit(logic.run, request)
-    segment_id = logic.apply(request, job.result(timeout=5))
-    assert [(p.done, p.total) for p in job.progress_updates()] == [(1, 1)]
-    expected = painted((34, 128, 128), 0, 9, (5, 5, 20, 20))
-    np.testing.assert_array_equal(segment_on_grid(segmentation, segment_id, volume), expected)
-    worker.shutdown(timeout=5)
 
 
 # -- the real engine ----------------------------------------------------------------------------------------

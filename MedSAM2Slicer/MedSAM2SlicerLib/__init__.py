@@ -1,5 +1,6 @@
-"""Slicer adapters for the MedSAM2 engine: MRML nodes <-> numpy, prompts from markups, segment writing and a
-worker thread. Needs only what the ``slicer-core`` wheel provides (MRML, vtk) and the ``medsam2`` engine.
+"""Slicer adapters for the MedSAM2 engine: MRML nodes <-> numpy, prompts from markups, segment writing, and
+the engine server that runs segmentations outside the Slicer process. Needs only what the ``slicer-core``
+wheel provides (MRML, vtk) and the ``medsam2`` engine.
 
 The names below are imported on first use, so that ``MedSAM2SlicerLib.dependencies`` (which installs PyTorch
 inside Slicer) can be imported before PyTorch is there.
@@ -10,6 +11,10 @@ from __future__ import annotations
 from importlib import import_module
 
 _EXPORTS = {
+    "LocalEngine": "engines",
+    "RemoteEngine": "engines",
+    "ServerEngine": "engines",
+    "ServerRun": "engines",
     "VolumeGeometry": "geometry",
     "volume_array": "geometry",
     "volume_geometry": "geometry",
@@ -22,9 +27,6 @@ _EXPORTS = {
     "SegmentWriter": "segment_writer",
     "ensure_converter_rules": "segments",
     "read_segment_mask": "segments",
-    "Job": "worker",
-    "Progress": "worker",
-    "Worker": "worker",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -38,6 +38,9 @@ REQUIREMENTS = (
     Requirement("tqdm", "tqdm>=4.60"),
     Requirement("skimage", "scikit-image>=0.20"),
     Requirement("scipy", "scipy>=1.9"),  # shipped with Slicer; installed only where a build lacks it
+    # The engine server that Slicer starts as its child process (medsam2 serve).
+    Requirement("fastapi", "fastapi>=0.110"),
+    Requirement("uvicorn", "uvicorn>=0.29"),
 )
 
 CPU_NOTE = (

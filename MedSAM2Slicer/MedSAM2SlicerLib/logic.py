@@ -1,9 +1,11 @@
 """Slicer-side logic: volume and prompts in, one segment out, with corrections re-propagated.
 
-A run has three steps so that the slow one can leave the GUI thread (MRML is not thread-safe):
+A run has three steps so that the slow one can leave the Slicer process (MRML is not thread-safe, and inside
+Slicer a Python thread crawls: see :mod:`MedSAM2SlicerLib.engines`):
 
 1. ``prepare`` (GUI thread) copies the voxels, geometry and prompts out of the scene into a ``Request``;
-2. ``run`` (any thread, e.g. a :class:`~MedSAM2SlicerLib.worker.Worker`) calls the engine on numpy arrays;
+2. the engine segments them: ``start`` hands the request to an engine server and returns a run that the GUI
+   polls from a timer; ``run`` waits for the result (scripts, tests), on a server or in this process;
 3. ``apply`` (GUI thread) writes the result into the segment.
 
 ``segment`` does all three in a row. Nothing in the scene changes before ``apply``, so a cancelled or failed
@@ -12,6 +14,7 @@ run leaves the segmentation as it was.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +24,7 @@ import numpy as np
 from medsam2.errors import InputError
 from medsam2.prompts import Prompt
 
+from .engines import ServerEngine, ServerRun
 from .geometry import VolumeGeometry, volume_array, volume_geometry
 from .prompts import prompts_from_nodes
 from .segment_writer import SegmentWriter
@@ -83,8 +87,10 @@ class SegmentationLogic:
     """Segments one object through a volume from prompts on one slice, and writes it into a segment.
 
     ``model`` is a registry name, a checkpoint path (both loaded with ``medsam2.load_model`` on first use) or
-    an already loaded model. ``engine`` is a callable with the signature of ``medsam2.segment_volume``
-    (the default, looked up at call time); tests inject their own.
+    an already loaded model. ``engine`` is where runs go: a :class:`~MedSAM2SlicerLib.engines.ServerEngine`
+    (what the Slicer module uses; it loads the model named by ``model`` itself), or a callable with the
+    signature of ``medsam2.segment_volume`` run in this process (default ``medsam2.segment_volume``, looked up
+    at call time; for scripts and tests).
     """
 
     def __init__(
@@ -179,13 +185,22 @@ class SegmentationLogic:
             threshold=threshold,
         )
 
+    def start(self, request: Request) -> ServerRun:
+        """Hand ``request`` to the engine server and return the run at once, for the GUI to poll (GUI thread)."""
+        if not isinstance(self.engine, ServerEngine):
+            raise TypeError("Only an engine server runs a segmentation in the background; call run() instead")
+        model = os.fspath(self.model) if hasattr(self.model, "__fspath__") else self.model
+        return self.engine.submit(request, model, self.device)
+
     def run(
         self,
         request: Request,
         progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
     ):
-        """Call the engine (any thread). Raises ``medsam2.Cancelled`` when ``cancel`` is set."""
+        """Segment ``request`` and wait for the result. Raises ``medsam2.Cancelled`` when ``cancel`` is set."""
+        if isinstance(self.engine, ServerEngine):
+            return self.start(request).wait(progress, cancel)
         engine = self.engine
         if engine is None:
             import medsam2

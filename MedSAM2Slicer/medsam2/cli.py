@@ -22,7 +22,10 @@ DEFAULT_MODEL = "medsam2-lite"
 FORWARDED = {
     "demo": "segment a structure of the bundled chest CT from one box, offline, and score it",
     "train": "train the memory modules of a model (medsam2.train)",
+    "serve": "run the engine as an HTTP service for Slicer, the CLI and Python clients (medsam2.service)",
 }
+# Forwarded subcommands whose module is not medsam2.<name>.
+FORWARDED_MODULES = {"serve": "medsam2.service.serve"}
 
 SEGMENT_EPILOG = """\
 coordinates:
@@ -339,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _forward(command: str, argv: list[str]) -> int:
-    module_name = f"medsam2.{command}"
+    module_name = FORWARDED_MODULES.get(command, f"medsam2.{command}")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:

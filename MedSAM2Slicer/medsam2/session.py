@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from .errors import InputError
+from .feature_cache import FeatureCache
 from .frames import FrameStack
 from .memory import FrameRecord, MemoryOptions, ObjectTrack, frame_descriptor, make_policy, object_generator
 from .model.sam2 import ImageFeatures, MaskPrediction, Memory, SAM2Model
@@ -32,6 +33,10 @@ class Session:
     ``consecutive``: the frames are neighbouring slices or video frames, so a model with a
     ``tracking_box_margin`` prompts each tracked frame with the box of its neighbour's mask; ``False`` for
     unrelated images, which then get the box of the nearest prompted frame's mask (the template's).
+
+    ``shared_features`` with ``frame_keys`` (one hashable key per frame, see
+    :class:`~medsam2.feature_cache.FeatureCache`) reuses image features encoded by earlier sessions over the
+    same frames and leaves this session's there for later ones.
     """
 
     def __init__(
@@ -42,6 +47,8 @@ class Session:
         seed: int = 0,
         feature_cache_bytes: int = _DEFAULT_FEATURE_CACHE_BYTES,
         consecutive: bool = True,
+        shared_features: FeatureCache | None = None,
+        frame_keys: Sequence[Hashable] | None = None,
     ) -> None:
         self.model = model
         self.consecutive = consecutive
@@ -53,6 +60,10 @@ class Session:
         self._features: OrderedDict[int, ImageFeatures] = OrderedDict()
         self._descriptors: dict[int, torch.Tensor] = {}
         self._feature_cache_bytes = feature_cache_bytes
+        if shared_features is not None and (frame_keys is None or len(frame_keys) != len(self.frames)):
+            raise InputError("shared_features needs one key per frame in frame_keys")
+        self._shared = shared_features
+        self._frame_keys = list(frame_keys) if shared_features is not None else None
         self.frames_encoded = 0
 
     @property
@@ -323,9 +334,13 @@ class Session:
         if features is not None:
             self._features.move_to_end(t)
             return features
-        image = self.frames.model_input(t, self.model.device, self.model.dtype)
-        features = self.model.encode_image(image)
-        self.frames_encoded += 1
+        features = self._shared.get(self._frame_keys[t]) if self._shared is not None else None
+        if features is None:
+            image = self.frames.model_input(t, self.model.device, self.model.dtype)
+            features = self.model.encode_image(image)
+            self.frames_encoded += 1
+            if self._shared is not None:
+                self._shared.put(self._frame_keys[t], features)
         self._descriptors[t] = frame_descriptor(features.embedding, self.options.descriptor_grid)
         self._features[t] = features
         while (

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .errors import Cancelled, InputError
+from .feature_cache import FeatureCache
 from .memory import MemoryOptions
 from .model.sam2 import SAM2Model
 from .preprocess import prepare_intensities
@@ -142,6 +143,7 @@ def segment_volume(
     cancel: threading.Event | None = None,
     seed: int = 0,
     early_stop: bool = True,
+    feature_cache: FeatureCache | None = None,
 ) -> VolumeResult:
     """Segment the prompted objects through a ``[Z, Y, X]`` volume (never modified).
 
@@ -156,7 +158,8 @@ def segment_volume(
     slices); the slices between get interpolated votes. The model always sees whole slices, as in training.
     ``early_stop`` ends a direction once every object has been absent for a few slices past the prompts.
     ``progress(done, total, message)`` is called as frames complete; setting ``cancel`` stops within one
-    frame with :class:`Cancelled`.
+    frame with :class:`Cancelled`. ``feature_cache`` keeps the slices' image features for later runs on the
+    same volume, model and intensity window (a correction, another object), which then skip encoding them.
     """
     started = time.perf_counter()
     volume = _checked_volume(volume)
@@ -179,6 +182,8 @@ def segment_volume(
     result = VolumeResult(np.zeros(volume.shape, np.uint8), {})
     result.timings["prepare"] = time.perf_counter() - started
     runner = _PassRunner(model, intensities, memory, seed, votes, result, progress, cancel, early_stop)
+    if feature_cache is not None:
+        runner.share_features(feature_cache)
 
     primary_axis: dict[int, int] = {}
     for p in prompts:
@@ -296,6 +301,13 @@ class _PassRunner:
         self.done, self.total = 0, 1
         # The result on each user-prompted slice: (axis, index, obj_id) -> probability.
         self.prompted: dict[tuple[int, int, int], np.ndarray] = {}
+        self.features: FeatureCache | None = None
+        self.features_scope: tuple = ()
+
+    def share_features(self, cache: FeatureCache) -> None:
+        """Take slices' image features from ``cache`` when there, and leave newly encoded ones in it."""
+        self.features = cache
+        self.features_scope = cache.scope(self.model, self.intensities)
 
     def estimate(self, total: int) -> None:
         self.total = max(total, 1)
@@ -335,8 +347,16 @@ class _PassRunner:
         first, last = slices or (0, frames.shape[0])
         visit = _visited_slices(first, last, [p.index for p in prompts], step)
         position = {index: t for t, index in enumerate(visit)}
+        stack_slices = range(first, last) if step == 1 else visit
         stack = frames[first:last] if step == 1 else frames[visit]
-        session = Session(self.model, stack, memory=self.memory, seed=self.seed)
+        session = Session(
+            self.model,
+            stack,
+            memory=self.memory,
+            seed=self.seed,
+            shared_features=self.features,
+            frame_keys=[(*self.features_scope, axis, index) for index in stack_slices],
+        )
         prompted = set()
         for p in prompts:
             index = position[p.index]
