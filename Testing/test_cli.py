@@ -359,6 +359,8 @@ def test_models_lists_the_registry(capsys):
     assert [m["name"] for m in listed["models"]] == models.names()
     lite = next(m for m in listed["models"] if m["name"] == "medsam2-lite")
     assert (lite["preset"], lite["image_size"]) == ("medsam2_lite", 256)
+    latest = next(m for m in listed["models"] if m["name"] == "MedSAM2_latest")
+    assert (latest["licence"], latest["digest"], latest["image_size"]) == ("CC-BY-SA-4.0", "unverified", 512)
     code, stdout, _ = run(["models"], capsys)
     assert code == 0 and all(name in stdout for name in models.names()) and "cache folder" in stdout
 
