@@ -322,7 +322,8 @@ def list_models(args: argparse.Namespace) -> int:
         return 0
     headers = ["name", "preset", "image size", "size", "licence", "digest", "cached"]
     body = [
-        [r.name, r.preset, r.image_size, r.size, r.licence, r.digest, "yes" if r.cached else "no"] for r in rows
+        [r.name, r.preset, r.image_size, r.size, r.licence, r.digest, "yes" if r.cached else "no"]
+        for r in rows
     ]
     sys.stdout.write(text_table(headers, body))
     print(f"cache folder: {models.cache_dir()} (set ${models.CACHE_ENV} to change it)")
