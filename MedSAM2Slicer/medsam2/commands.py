@@ -77,6 +77,7 @@ def segment(args: argparse.Namespace) -> int:
             roi=None if args.no_roi else "auto",
             progress=progress,
             seed=args.seed,
+            pipeline=args.pipeline,
         )
     labels = thresholded(result, args.obj_id, args.threshold)
     preview = None
