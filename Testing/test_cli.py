@@ -85,6 +85,25 @@ def test_segment_writes_labels_on_the_ct_grid(tiny, tmp_path, capsys):
     assert not labels.array[:31].any()
 
 
+def test_pipeline_upstream_runs_bowang_labs_inference(tiny, tmp_path, capsys):
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(CT)))[28:34, 30:94, 20:100].astype(np.int16)
+    source, out = _write(array, tmp_path / "small.nrrd"), tmp_path / "up.nrrd"
+    code, _, err = run(["segment", source, "-o", out, "--slice", "3", "--box", "20,10,60,50", "--pipeline",
+                        "upstream", "--window", "40,400", *tiny], capsys)  # fmt: skip
+    assert code == 0, err
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in _tiny_fields().items()}
+    model = medsam2.load_model(tiny[1], config=medsam2.ModelConfig(**fields), device="cpu")
+    expected = medsam2.segment_volume(
+        model,
+        array,
+        [medsam2.Prompt(axis=0, index=3, box=(20, 10, 60, 50))],
+        window=(40, 400),
+        pipeline="upstream",
+    )
+    assert expected.labels.any()
+    np.testing.assert_array_equal(io.read_labels(out).array, expected.labels)
+
+
 def test_threshold_and_obj_id_shape_the_label_map(tiny, tmp_path, capsys):
     default, strict = tmp_path / "default.nii.gz", tmp_path / "strict.nii.gz"
     prompt = ["--box", "40,40,90,90", *LAST_SLICES, "--obj-id", "3", *tiny]
@@ -359,6 +378,8 @@ def test_models_lists_the_registry(capsys):
     assert [m["name"] for m in listed["models"]] == models.names()
     lite = next(m for m in listed["models"] if m["name"] == "medsam2-lite")
     assert (lite["preset"], lite["image_size"]) == ("medsam2_lite", 256)
+    latest = next(m for m in listed["models"] if m["name"] == "MedSAM2_latest")
+    assert (latest["licence"], latest["digest"], latest["image_size"]) == ("CC-BY-SA-4.0", "unverified", 512)
     code, stdout, _ = run(["models"], capsys)
     assert code == 0 and all(name in stdout for name in models.names()) and "cache folder" in stdout
 

@@ -104,6 +104,7 @@ def make_entry(server: FileServer, sha256: str | None = PAYLOAD_SHA256, path: st
         url=server.url(path),
         filename="ckpt.pt",
         sha256=sha256,
+        digest_source="test" if sha256 else "unverified: test",
         size_bytes=len(PAYLOAD),
         licence="Apache-2.0",
         preset="sam2.1_hiera_t",
@@ -143,6 +144,18 @@ def test_wrong_sha256_deletes_partial_and_names_both_hashes(server, tmp_path):
         models.fetch(make_entry(server, sha256=wrong), cache=tmp_path, progress=False)
     message = str(info.value)
     assert wrong in message and PAYLOAD_SHA256 in message
+    assert "deleted" in message  # the user is told the file is gone, not left to find a damaged one
+    assert leftovers(tmp_path) == []
+
+
+def test_resumed_download_that_ends_wrong_is_deleted(server, tmp_path):
+    # A stale .partial holding other bytes than the file's start: resuming appends the rest, the digest
+    # catches the mix, and nothing of it is kept.
+    third = len(PAYLOAD) // 3
+    (tmp_path / "ckpt.pt.partial").write_bytes(b"\x00" * third)
+    with pytest.raises(MedSAM2Error, match="deleted"):
+        models.fetch(make_entry(server), cache=tmp_path, progress=False)
+    assert server.ranges == [f"bytes={third}-"]
     assert leftovers(tmp_path) == []
 
 
@@ -168,6 +181,9 @@ def test_existing_partial_file_is_resumed(server, tmp_path):
     assert path.read_bytes() == PAYLOAD
     assert server.ranges == [f"bytes={third}-"]
     assert "ckpt.pt.partial" not in leftovers(tmp_path)
+    # The resumed file ends with the published digest, recorded for the next fetch.
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == PAYLOAD_SHA256
+    assert models.file_sha256(path) == PAYLOAD_SHA256
 
 
 def test_complete_partial_file_is_finished_without_download(server, tmp_path):
@@ -249,7 +265,16 @@ def test_list_models_reports_cached_files(tmp_path, monkeypatch):
     rows = {row.name: row for row in models.list_models()}
     assert set(rows) == set(models.names())
     assert rows["sam2.1_hiera_tiny"].cached and not rows["sam2_hiera_large"].cached
-    assert rows["MedSAM2_latest"] == ("MedSAM2_latest", "sam2.1_hiera_t", 512, "149 MiB", "Apache-2.0", False)
+    assert rows["MedSAM2_latest"] == (
+        "MedSAM2_latest",
+        "sam2.1_hiera_t",
+        512,
+        "149 MiB",
+        "CC-BY-SA-4.0",
+        "unverified",
+        False,
+    )
+    assert rows["MedSAM2_pretrain"].digest == "sha256" and rows["MedSAM2_pretrain"].size == "74 MiB"
 
 
 def test_unknown_name_lists_registered_models():
@@ -268,17 +293,64 @@ def test_registry_entries_are_consistent():
     for name in models.names():
         entry = models.get(name)
         assert entry.preset in PRESETS, name
-        assert entry.licence == "Apache-2.0"
+        assert entry.licence and entry.size_bytes, name
+        assert entry.image_size in (256, 512, 1024), name
+        # A digest with where it comes from, or an explicit "unverified".
+        if entry.sha256 is not None:
+            assert re.fullmatch(r"[0-9a-f]{64}", entry.sha256) and "Hugging Face" in entry.digest_source, name
+        else:
+            assert entry.digest_source.startswith("unverified"), name
     tiny21 = models.get("sam2.1_hiera_tiny")
     assert tiny21.url == "https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_tiny.pt"
     assert models.get("sam2_hiera_base_plus").preset == "sam2_hiera_b+"
     assert models.get("sam2_hiera_large").url.endswith("/072824/sam2_hiera_large.pt")
-    latest, pretrain = models.get("MedSAM2_latest"), models.get("MedSAM2_pretrain")
-    assert (latest.preset, latest.image_size, latest.filename) == ("sam2.1_hiera_t", 512, "MedSAM2_latest.pt")
-    assert (pretrain.preset, pretrain.image_size) == ("sam2_hiera_s", 1024)
-    assert "unverified" in pretrain.description.lower()
+    # SAM 2.0 files with Meta's own digest come from Meta's Hugging Face repositories.
+    tiny20 = models.get("sam2_hiera_tiny")
+    assert tiny20.url == "https://huggingface.co/facebook/sam2-hiera-tiny/resolve/main/sam2_hiera_tiny.pt"
+    assert (tiny20.sha256[:8], tiny20.size_bytes) == ("65b50056", 155_906_050)
+    assert models.get("sam2_hiera_base_plus").sha256.startswith("d0bb7f23")
+    assert models.get("sam2_hiera_small").sha256.startswith("95949964")
+
+    # The paper's own weights are Hiera-tiny (39.0 M bfloat16 parameters), not small.
+    pretrain = models.get("MedSAM2_pretrain")
+    assert (pretrain.preset, pretrain.image_size, pretrain.size_bytes) == ("sam2_hiera_t", 1024, 78_078_138)
+    assert pretrain.sha256 == "059572b072eff2e41975bf85b0dcca96bc58889db60a89e9f5b1f075236735d7"
+    assert "unclear" in pretrain.licence
+    # Every bowang-lab MedSAM2 release: SAM 2.1 tiny at 512 px, weights CC-BY-SA-4.0.
+    releases = ["MedSAM2_latest", "MedSAM2_2411", "MedSAM2_US_Heart", "MedSAM2_MRI_LiverLesion",
+                "MedSAM2_CTLesion", "medsam2_FLARE25_RECIST_baseline"]  # fmt: skip
+    for name in releases:
+        entry = models.get(name)
+        assert (entry.preset, entry.image_size, entry.filename) == ("sam2.1_hiera_t", 512, f"{name}.pt")
+        assert entry.url == f"https://huggingface.co/wanglab/MedSAM2/resolve/main/{name}.pt"
+        assert entry.licence == "CC-BY-SA-4.0"
     lite = models.get("medsam2-lite")
     assert (lite.url, lite.preset, lite.image_size) == (None, "medsam2_lite", 256)
+
+
+def test_licence_and_size_are_shown_before_a_download(server, tmp_path, capsys):
+    entry = dataclasses.replace(make_entry(server), licence="CC-BY-SA-4.0")
+    models.fetch(entry, cache=tmp_path, progress=True)
+    notice = capsys.readouterr().err.splitlines()[0]
+    assert notice.startswith("Downloading test-ckpt (293 KiB, licence CC-BY-SA-4.0)")
+    assert "verified against its published sha256" in notice
+    capsys.readouterr()
+    models.fetch(entry, cache=tmp_path, progress=True)  # cached: nothing to announce
+    assert "Downloading" not in capsys.readouterr().err
+
+
+def test_files_are_recognised_by_digest(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "_REGISTRY", dict(models._REGISTRY))
+    monkeypatch.setenv("MEDSAM2_CACHE", str(tmp_path / "cache"))
+    elsewhere = tmp_path / "renamed.bin"
+    elsewhere.write_bytes(PAYLOAD)
+    assert models.identify(elsewhere) is None
+    entry = models.register(
+        dataclasses.replace(models.get("MedSAM2_pretrain"), name="t", sha256=PAYLOAD_SHA256)
+    )
+    assert models.find_by_sha256(PAYLOAD_SHA256.upper()) is entry
+    assert models.identify(elsewhere) is entry
+    assert leftovers(tmp_path) == ["renamed.bin"]  # nothing written next to a user's file
 
 
 def test_register_replaces_an_entry(monkeypatch):

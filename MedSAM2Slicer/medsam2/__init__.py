@@ -5,7 +5,7 @@ from .configs import ModelConfig
 from .errors import Cancelled, CheckpointError, InputError, MedSAM2Error
 from .images import segment_images
 from .lite import register as _register_lite
-from .load import load_model, resolve_device
+from .load import ImageSizeGuessed, load_model, resolve_device
 from .memory import MemoryOptions
 from .model.build import build_model
 from .model.sam2 import SAM2Model
@@ -19,6 +19,7 @@ __all__ = [
     "InputError",
     "MedSAM2Error",
     "MemoryOptions",
+    "ImageSizeGuessed",
     "ModelConfig",
     "Prompt",
     "SAM2Model",

@@ -125,14 +125,14 @@ def check_compatible(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
         return
     name = getattr(getattr(model, "config", None), "name", type(model).__name__)
     lines = [f"Checkpoint {source} (detected: {describe_variant(state_dict)}) does not fit model {name}."]
+    # Every key is named: a file that loads only partly must never pass silently, nor be hard to diagnose.
     for title, keys in (
         ("missing keys", missing),
         ("unexpected keys", unexpected),
         ("shape mismatches", mis_shaped),
     ):
         if keys:
-            shown = ", ".join(keys[:12]) + (f", ... ({len(keys)} in all)" if len(keys) > 12 else "")
-            lines.append(f"  {title}: {shown}")
+            lines.append(f"  {len(keys)} {title}: {', '.join(keys)}")
     raise CheckpointError("\n".join(lines))
 
 

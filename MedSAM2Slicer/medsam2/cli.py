@@ -271,6 +271,14 @@ def _prompt_options(parser: argparse.ArgumentParser, volume: bool) -> None:
 def _volume_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("segmentation")
     group.add_argument(
+        "--pipeline",
+        choices=("default", "upstream"),
+        default="default",
+        help="default: this project's pipeline; upstream: bowang-lab MedSAM2's own inference, for comparing "
+        "with its published numbers (their preprocessing, prompt axis only, SAM 2 memory; the options "
+        "below except --modality and --window do not apply)",
+    )
+    group.add_argument(
         "--orientations",
         type=int,
         choices=(1, 2, 6),

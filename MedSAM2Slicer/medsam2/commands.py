@@ -77,6 +77,7 @@ def segment(args: argparse.Namespace) -> int:
             roi=None if args.no_roi else "auto",
             progress=progress,
             seed=args.seed,
+            pipeline=args.pipeline,
         )
     labels = thresholded(result, args.obj_id, args.threshold)
     preview = None
@@ -320,8 +321,11 @@ def list_models(args: argparse.Namespace) -> int:
         document = {"cache_dir": str(models.cache_dir()), "models": [r._asdict() for r in rows]}
         print(json.dumps(document, indent=2))
         return 0
-    headers = ["name", "preset", "image size", "size", "licence", "cached"]
-    body = [[r.name, r.preset, r.image_size, r.size, r.licence, "yes" if r.cached else "no"] for r in rows]
+    headers = ["name", "preset", "image size", "size", "licence", "digest", "cached"]
+    body = [
+        [r.name, r.preset, r.image_size, r.size, r.licence, r.digest, "yes" if r.cached else "no"]
+        for r in rows
+    ]
     sys.stdout.write(text_table(headers, body))
     print(f"cache folder: {models.cache_dir()} (set ${models.CACHE_ENV} to change it)")
     return 0

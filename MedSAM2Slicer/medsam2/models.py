@@ -23,6 +23,7 @@ import http.client
 import json
 import os
 import re
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from typing import Any, NamedTuple
 
 from tqdm import tqdm
 
+from .configs import ModelConfig
 from .errors import MedSAM2Error
 
 CACHE_ENV = "MEDSAM2_CACHE"
@@ -48,24 +50,40 @@ StatePreparer = Callable[[dict[str, Any]], dict[str, Any]]
 class ModelEntry:
     """One named checkpoint.
 
-    ``sha256`` is ``None`` where the published digest is not known (the download is then checked for size
-    only); ``size_bytes`` is approximate and only shown to users. ``prepare`` maps the file's state dict to
-    the model's keys when the file does not already use them. ``obtain_hint`` tells users how to get a file
-    that cannot be downloaded (entries without ``url``).
+    ``sha256`` is the file's digest where an upstream source publishes one, ``None`` otherwise (the download is
+    then checked for its announced size only); ``digest_source`` says where the digest comes from, or why
+    there is none ("unverified: ..."). ``size_bytes`` is shown to users before a download. ``preset`` is a
+    preset name (or, for a model of one's own, a ``ModelConfig``) and ``image_size`` the input size of the
+    upstream configuration. ``prepare`` maps the file's state dict to the model's keys when the file does
+    not already use them. ``obtain_hint`` tells users how to get a file that cannot be downloaded (entries
+    without ``url``).
     """
 
     name: str
     url: str | None
     filename: str
     sha256: str | None
+    digest_source: str
     size_bytes: int | None
     licence: str
-    preset: str
+    preset: str | ModelConfig
     image_size: int
     description: str
     homepage: str
     prepare: StatePreparer | None = None
     obtain_hint: str = ""
+
+    @property
+    def verified(self) -> bool:
+        return self.sha256 is not None
+
+    @property
+    def preset_name(self) -> str:
+        return self.preset if isinstance(self.preset, str) else self.preset.name
+
+    def terms(self) -> str:
+        """Size and licence in one phrase, shown before a download: ``"149 MiB, licence CC-BY-SA-4.0"``."""
+        return f"{format_size(self.size_bytes)}, licence {self.licence}"
 
 
 class ModelRow(NamedTuple):
@@ -76,6 +94,7 @@ class ModelRow(NamedTuple):
     image_size: int
     size: str
     licence: str
+    digest: str  # "sha256" when the download is verified against a published digest, else "unverified"
     cached: bool
 
 
@@ -141,15 +160,35 @@ def local_path(entry: ModelEntry, cache: str | os.PathLike | None = None) -> Pat
     return None
 
 
+def find_by_sha256(sha256: str) -> ModelEntry | None:
+    """The registered entry whose published digest is ``sha256`` (hex, any case), or ``None``."""
+    digest = sha256.lower()
+    return next((e for e in _REGISTRY.values() if e.sha256 is not None and e.sha256.lower() == digest), None)
+
+
+def identify(path: str | os.PathLike) -> ModelEntry | None:
+    """The registered entry a checkpoint file is, recognised by its sha256 wherever the file lies.
+
+    Files in the cache folder remember their digest in a sidecar; elsewhere the file is hashed each time
+    (about a second per 150 MB) and nothing is written next to it.
+    """
+    path = Path(path).expanduser()
+    if not any(e.sha256 for e in _REGISTRY.values()):
+        return None
+    in_cache = path.resolve().parent == cache_dir().resolve()
+    return find_by_sha256(file_sha256(path) if in_cache else _hash_file(path))
+
+
 def list_models(cache: str | os.PathLike | None = None) -> list[ModelRow]:
-    """Every registered model with its preset, input size, approximate size, licence and cache state."""
+    """Every registered model with its preset, input size, size, licence, verification and cache state."""
     return [
         ModelRow(
             name=entry.name,
-            preset=entry.preset,
+            preset=entry.preset_name,
             image_size=entry.image_size,
             size=format_size(entry.size_bytes),
             licence=entry.licence,
+            digest="sha256" if entry.verified else "unverified",
             cached=local_path(entry, cache) is not None,
         )
         for entry in _REGISTRY.values()
@@ -183,7 +222,18 @@ def fetch(
     target = folder / entry.filename
     if target.is_file() and (entry.sha256 is None or file_sha256(target) == entry.sha256.lower()):
         return target
+    if progress:
+        print(download_notice(entry), file=sys.stderr, flush=True)
     return download(entry.url, target, sha256=entry.sha256, progress=progress, timeout=timeout)
+
+
+def download_notice(entry: ModelEntry) -> str:
+    """What a user is told before ``entry`` is downloaded: size, licence, source and whether it is verified."""
+    check = "verified against its published sha256" if entry.verified else "unverified (no published digest)"
+    return (
+        f"Downloading {entry.name} ({entry.terms()}) from {entry.url}; {check}. "
+        f"Licence terms: {entry.homepage}"
+    )
 
 
 def _find_local(entry: ModelEntry, folder: Path) -> Path:
@@ -380,17 +430,34 @@ def _manual_hint(url: str, target: Path) -> str:
 
 
 # --- the registry ------------------------------------------------------------------------------------------
+#
+# Checked entry by entry against the upstream repositories and their Hugging Face pages. A digest is pinned
+# only where an upstream source publishes it (a Hugging Face LFS pointer is the sha256 of the file); every
+# other entry says "unverified" and is checked for the announced size only.
 
-_FB_BASE = "https://dl.fbaipublicfiles.com/segment_anything_2"
 _SAM2_HOME = "https://github.com/facebookresearch/sam2"
-# Sizes are the float32 parameter bytes of each configuration (reference/sam2-configs.md, table 1); the
-# published files are within a few MB of these. Meta publishes no sha256 for them, so none is pinned here.
+_FB_BASE = "https://dl.fbaipublicfiles.com/segment_anything_2"
+_HF = "https://huggingface.co"
+_HF_LFS = "the sha256 of the Hugging Face LFS pointer of {repo}"
+_UNVERIFIED_FB = (
+    "unverified: Meta publishes no digest for the files on dl.fbaipublicfiles.com; checked for size only"
+)
+
+# short name -> (preset suffix, SAM 2 parameters, SAM 2.1 parameters). Sizes shown before a download are the
+# exact published file size where known, else 4 bytes per float32 parameter (within a few MB of the file).
 _HIERA_FILES = {
-    # short name: (file stem, preset suffix, SAM 2 parameters, SAM 2.1 parameters)
-    "tiny": ("tiny", "t", 38_946_242, 38_962_754),
-    "small": ("small", "s", 46_044_098, 46_060_610),
-    "base_plus": ("base_plus", "b+", 80_833_922, 80_850_434),
-    "large": ("large", "l", 224_430_386, 224_446_898),
+    "tiny": ("t", 38_946_242, 38_962_754),
+    "small": ("s", 46_044_098, 46_060_610),
+    "base_plus": ("b+", 80_833_922, 80_850_434),
+    "large": ("l", 224_430_386, 224_446_898),
+}
+# SAM 2.0 files that Meta publishes on Hugging Face (facebook/sam2-hiera-*), with the LFS pointer's sha256
+# and, where read, its size. Their URLs are used instead of dl.fbaipublicfiles.com, whose files are not
+# proven to be byte-identical.
+_SAM20_ON_HF = {
+    "tiny": ("65b50056e05bcb13694174f51bb6da89c894b57b75ccdf0ba6352c597c5d1125", 155_906_050),
+    "small": ("95949964d4e548409021d47b22712d5f1abf2564cc0c3c765ba599a24ac7dce3", None),
+    "base_plus": ("d0bb7f236400a49669ffdd1be617959a8b1d1065081789d7bbff88eded3a8071", 323_493_298),
 }
 _RELEASES = {
     # version: (name prefix, release folder, release note)
@@ -399,59 +466,74 @@ _RELEASES = {
 }
 
 
-def _register_official() -> None:
-    for version, (prefix, folder, release) in _RELEASES.items():
-        for size, (stem, suffix, params_20, params_21) in _HIERA_FILES.items():
-            filename = f"{prefix}_hiera_{stem}.pt"
-            register(
-                ModelEntry(
-                    name=f"{prefix}_hiera_{size}",
-                    url=f"{_FB_BASE}/{folder}/{filename}",
-                    filename=filename,
-                    sha256=None,
-                    size_bytes=4 * (params_21 if version == "2.1" else params_20),
-                    licence="Apache-2.0",
-                    preset=f"{prefix}_hiera_{suffix}",
-                    image_size=1024,
-                    description=f"Official {release} Hiera-{suffix} checkpoint (natural images).",
-                    homepage=_SAM2_HOME,
-                )
-            )
-
-
-_register_official()
-
-register(
-    ModelEntry(
-        name="MedSAM2_latest",
-        url="https://huggingface.co/wanglab/MedSAM2/resolve/main/MedSAM2_latest.pt",
-        filename="MedSAM2_latest.pt",
-        sha256=None,
-        size_bytes=4 * 38_962_754,
+def _official_entry(version: str, size: str) -> ModelEntry:
+    prefix, folder, release = _RELEASES[version]
+    suffix, params_20, params_21 = _HIERA_FILES[size]
+    filename = f"{prefix}_hiera_{size}.pt"
+    sha256, exact_size = _SAM20_ON_HF.get(size, (None, None)) if version == "2.0" else (None, None)
+    hf_repo = f"facebook/sam2-hiera-{size.replace('_', '-')}"
+    return ModelEntry(
+        name=f"{prefix}_hiera_{size}",
+        url=f"{_HF}/{hf_repo}/resolve/main/{filename}" if sha256 else f"{_FB_BASE}/{folder}/{filename}",
+        filename=filename,
+        sha256=sha256,
+        digest_source=_HF_LFS.format(repo=hf_repo) if sha256 else _UNVERIFIED_FB,
+        size_bytes=exact_size or 4 * (params_21 if version == "2.1" else params_20),
         licence="Apache-2.0",
-        preset="sam2.1_hiera_t",
-        image_size=512,
-        description=(
-            "bowang-lab MedSAM2: SAM 2.1 tiny fine-tuned on 3D medical images and videos, run at 512 px. "
-            "Unverified here: sha256 unknown, size estimated from the SAM 2.1 tiny parameter count."
-        ),
-        homepage="https://github.com/bowang-lab/MedSAM2",
+        preset=f"{prefix}_hiera_{suffix}",
+        image_size=1024,
+        description=f"Official {release} Hiera-{suffix} checkpoint (natural images).",
+        homepage=_SAM2_HOME,
     )
-)
+
+
+for _version in _RELEASES:
+    for _size in _HIERA_FILES:
+        register(_official_entry(_version, _size))
+
+# bowang-lab MedSAM2 (Ma et al. 2025): every release is SAM 2.1 tiny, run at 512 px by its authors
+# (sam2.1_hiera_t512.yaml). The weights are CC-BY-SA-4.0 on the Hugging Face model card; Apache-2.0 is only
+# the licence of the code.
+_MEDSAM2_HOME = "https://github.com/bowang-lab/MedSAM2"
+_MEDSAM2_RELEASES = {
+    "MedSAM2_latest": "the recommended release, trained on public data and newly annotated 3D sets",
+    "MedSAM2_2411": "the base model of November 2024",
+    "MedSAM2_US_Heart": "fine-tuned for heart ultrasound videos",
+    "MedSAM2_MRI_LiverLesion": "fine-tuned for liver lesions in MRI",
+    "MedSAM2_CTLesion": "fine-tuned for CT lesions",
+    "medsam2_FLARE25_RECIST_baseline": "the FLARE 2025 RECIST-marker baseline",
+}
+for _name, _what in _MEDSAM2_RELEASES.items():
+    register(
+        ModelEntry(
+            name=_name,
+            url=f"{_HF}/wanglab/MedSAM2/resolve/main/{_name}.pt",
+            filename=f"{_name}.pt",
+            sha256=None,
+            digest_source="unverified: no digest was read from wanglab/MedSAM2; checked for size only",
+            size_bytes=4 * _HIERA_FILES["tiny"][2],
+            licence="CC-BY-SA-4.0",
+            preset="sam2.1_hiera_t",
+            image_size=512,
+            description=f"bowang-lab MedSAM2, SAM 2.1 tiny at 512 px: {_what}.",
+            homepage=_MEDSAM2_HOME,
+        )
+    )
 
 register(
     ModelEntry(
         name="MedSAM2_pretrain",
-        url="https://huggingface.co/jiayuanz3/MedSAM2_pretrain/resolve/main/MedSAM2_pretrain.pth",
+        url=f"{_HF}/jiayuanz3/MedSAM2_pretrain/resolve/main/MedSAM2_pretrain.pth",
         filename="MedSAM2_pretrain.pth",
-        sha256=None,
-        size_bytes=None,
-        licence="Apache-2.0",
-        preset="sam2_hiera_s",
+        sha256="059572b072eff2e41975bf85b0dcca96bc58889db60a89e9f5b1f075236735d7",
+        digest_source=_HF_LFS.format(repo="jiayuanz3/MedSAM2_pretrain"),
+        size_bytes=78_078_138,
+        licence="unclear (Apache-2.0 or GPL)",
+        preset="sam2_hiera_t",
         image_size=1024,
         description=(
-            "Medical-SAM2 (MedSAM-2, Zhu et al. 2024) pretrained SAM 2 small. Unverified here: the URL, "
-            "sha256 and size could not be checked from this build environment."
+            "Medical-SAM2 (MedSAM-2, Zhu et al. 2024): SAM 2.0 tiny, saved as a bare bfloat16 state dict. "
+            "Licence unclear: its LICENSE file says Apache-2.0, a README badge says GPL, Hugging Face has no tag."
         ),
         homepage="https://github.com/SuperMedIntel/Medical-SAM2",
     )
@@ -463,7 +545,12 @@ register(
         url=None,
         filename="medsam2-lite.safetensors",
         sha256=None,
-        size_bytes=None,
+        digest_source=(
+            "unverified: assembled on this machine from LiteMedSAM's weights and the memory weights shipped "
+            "in the package"
+        ),
+        # LiteMedSAM's lite_medsam.pth (39.4 MB) plus the shipped memory weights (9.8 MB).
+        size_bytes=49_209_903,
         licence="Apache-2.0",
         preset="medsam2_lite",
         image_size=256,

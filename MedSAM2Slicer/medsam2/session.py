@@ -8,6 +8,7 @@ from collections.abc import Hashable, Iterator, Sequence
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from .errors import InputError
 from .feature_cache import FeatureCache
@@ -37,22 +38,28 @@ class Session:
     ``shared_features`` with ``frame_keys`` (one hashable key per frame, see
     :class:`~medsam2.feature_cache.FeatureCache`) reuses image features encoded by earlier sessions over the
     same frames and leaves this session's there for later ones.
+
+    ``frames`` may also be a ready :class:`FrameStack` (e.g. one that prepares frames another way).
+    ``fill_hole_area``: as SAM 2's video predictor option, background regions of at most this many pixels of
+    the low-resolution mask are filled in every output (after the tracked frame's memory was encoded).
     """
 
     def __init__(
         self,
         model: SAM2Model,
-        frames: np.ndarray | torch.Tensor,
+        frames: np.ndarray | torch.Tensor | FrameStack,
         memory: MemoryOptions | None = None,
         seed: int = 0,
         feature_cache_bytes: int = _DEFAULT_FEATURE_CACHE_BYTES,
         consecutive: bool = True,
         shared_features: FeatureCache | None = None,
         frame_keys: Sequence[Hashable] | None = None,
+        fill_hole_area: int = 0,
     ) -> None:
         self.model = model
         self.consecutive = consecutive
-        self.frames = FrameStack(frames, model.config)
+        self.fill_hole_area = fill_hole_area
+        self.frames = frames if isinstance(frames, FrameStack) else FrameStack(frames, model.config)
         self.options = memory or MemoryOptions()
         self.seed = seed
         self.policy = make_policy(model.config, self.options)
@@ -351,9 +358,10 @@ class Session:
         return features
 
     def _record(self, t: int, prediction: MaskPrediction) -> FrameRecord:
+        logits = prediction.low_res_logits
         return FrameRecord(
             frame=t,
-            low_res_logits=prediction.low_res_logits,
+            low_res_logits=fill_holes(logits, self.fill_hole_area) if self.fill_hole_area else logits,
             obj_ptr=prediction.obj_ptr,
             object_score=float(prediction.object_score.reshape(-1)[0]),
             iou=float(prediction.iou.reshape(-1)[0]),
@@ -375,3 +383,22 @@ class Session:
 def _before_own_prompts(track: ObjectTrack, t: int, reverse: bool) -> bool:
     """Whether frame ``t`` comes before every prompted frame of ``track`` in the direction of travel."""
     return t > max(track.conditioning) if reverse else t < min(track.conditioning)
+
+
+def fill_holes(logits: torch.Tensor, max_area: int) -> torch.Tensor:
+    """``logits`` ``[B, 1, h, w]`` with every background region (logit <= 0, 8-connected) of at most
+    ``max_area`` pixels set to 0.1, i.e. made foreground: SAM 2's ``fill_hole_area`` post-processing. As there,
+    a region touching the border counts too."""
+    background = (logits <= 0).cpu().numpy()
+    filled = np.zeros_like(background)
+    for index in np.ndindex(background.shape[:2]):
+        regions, count = ndimage.label(background[index], structure=np.ones((3, 3), bool))
+        areas = np.bincount(regions.ravel(), minlength=count + 1)
+        small = areas <= max_area
+        small[0] = False
+        filled[index] = small[regions]
+    if not filled.any():
+        return logits
+    return torch.where(
+        torch.from_numpy(filled).to(logits.device), torch.tensor(0.1, dtype=logits.dtype), logits
+    )

@@ -34,6 +34,7 @@ from .model.sam2 import SAM2Model
 from .preprocess import prepare_intensities
 from .prompts import Prompt
 from .session import Session
+from .upstream import segment_volume_upstream
 
 ProgressCallback = Callable[[int, int, str], None]
 Box = tuple[slice, slice, slice]  # a [Z, Y, X] box of voxels
@@ -144,8 +145,13 @@ def segment_volume(
     seed: int = 0,
     early_stop: bool = True,
     feature_cache: FeatureCache | None = None,
+    pipeline: str = "default",
 ) -> VolumeResult:
     """Segment the prompted objects through a ``[Z, Y, X]`` volume (never modified).
+
+    ``pipeline="upstream"`` runs bowang-lab's MedSAM2 inference instead (``medsam2.upstream``: their
+    intensity preparation and resize, the prompt axis only, SAM 2's memory); ``modality``, ``window``,
+    ``progress`` and ``cancel`` apply to it, the options of our own pipeline do not.
 
     ``orientations``: 1 (prompt axis, forward only), 2 (prompt axis, both directions) or 6 (all three axes,
     both directions). ``aggregate``: ``"confidence"`` (the mean probability, each axis weighted by the
@@ -164,6 +170,10 @@ def segment_volume(
     started = time.perf_counter()
     volume = _checked_volume(volume)
     prompts = _checked_prompts(prompts, volume.shape)
+    if pipeline == "upstream":
+        return segment_volume_upstream(model, volume, prompts, modality, window, progress, cancel)
+    if pipeline != "default":
+        raise InputError(f"pipeline must be 'default' or 'upstream', got {pipeline!r}")
     if orientations not in (1, 2, 6):
         raise InputError(f"orientations must be 1, 2 or 6, got {orientations!r}")
     try:

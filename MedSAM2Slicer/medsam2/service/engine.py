@@ -39,6 +39,7 @@ VOLUME_OPTIONS = {
     "seed": (int,),
     "early_stop": (bool,),
     "memory": (dict,),
+    "pipeline": (str,),
 }
 DTYPES = (None, "float32", "bfloat16", "float16")
 MiB = 1 << 20
@@ -188,6 +189,7 @@ class ServiceEngine:
             ("aggregate", tuple(a.value for a in Aggregation)),
             ("roi", ("auto", None)),
             ("modality", MODALITIES),
+            ("pipeline", ("default", "upstream")),
         ):
             if name in checked and checked[name] not in allowed:
                 raise InputError(
