@@ -326,3 +326,54 @@ def _request(array, prompts):
     geometry = SimpleNamespace(spacing=None, shape=array.shape)
     options = {"modality": "mr", "early_stop": False, "config": golden_config()}
     return SimpleNamespace(volume=array, prompts=prompts, geometry=geometry, threshold=None, options=options)
+
+
+def test_the_cli_segments_through_a_server(client, model, tmp_path):
+    """``medsam2 segment --server URL --token-file F``: the same labels as the command run in-process."""
+    import SimpleITK as sitk
+
+    from medsam2.cli import main
+
+    image = sitk.GetImageFromArray(volume())
+    image.SetSpacing((0.8, 0.8, 2.5))
+    sitk.WriteImage(image, str(tmp_path / "ct.nrrd"))
+    token = tmp_path / "token"
+    token.write_text(client.token + "\n")
+    common = [
+        "segment",
+        str(tmp_path / "ct.nrrd"),
+        "--slice",
+        "5",
+        "--box",
+        "12,11,30,26",
+        "--modality",
+        "mr",
+    ]
+    common += ["--model", str(WEIGHTS), "--config", str(tmp_path / "config.json"), "--orientations", "2"]
+    (tmp_path / "config.json").write_text(json.dumps(golden_config().__dict__))
+    assert main([*common, "-o", str(tmp_path / "here.nrrd")]) == 0
+    served = [
+        *common,
+        "-o",
+        str(tmp_path / "served.nrrd"),
+        "--server",
+        client.url,
+        "--token-file",
+        str(token),
+    ]
+    assert main(served) == 0
+    here = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "here.nrrd")))
+    there = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "served.nrrd")))
+    np.testing.assert_array_equal(there, here)
+    token.write_text("wrong")
+    refused = [
+        *common,
+        "-o",
+        str(tmp_path / "refused.nrrd"),
+        "--server",
+        client.url,
+        "--token-file",
+        str(token),
+    ]
+    assert main(refused) == 2
+    assert not (tmp_path / "refused.nrrd").exists()

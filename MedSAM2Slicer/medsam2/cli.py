@@ -42,6 +42,8 @@ examples:
   medsam2 segment ct_dicom_folder/ -o out.nrrd --world --point -12.5,40.2,-310
   medsam2 segment mr.nii.gz -o tumour.nii.gz --mask first_slice.nii.gz --modality mr --device cuda
   medsam2 segment ct.nii.gz -o out.nii.gz --slice 30 --box 10,10,60,60 --model MedSAM2_latest
+  medsam2 segment ct.nii.gz -o out.nii.gz --slice 30 --box 10,10,60,60 --server http://gpu-box:8765 \\
+      --token-file ~/.medsam2-token
 """
 
 IMAGES_EPILOG = """\
@@ -334,6 +336,13 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
         help="where to run (default: auto = CUDA, then MPS, then CPU)",
     )
     group.add_argument("--seed", type=int, default=0, help="seed of the memory bank's sampling (default: 0)")
+    server = parser.add_argument_group("engine server (run on another computer; see 'medsam2 serve')")
+    server.add_argument(
+        "--server", metavar="URL", help="run on the engine server at URL, e.g. http://gpu:8765"
+    )
+    server.add_argument(
+        "--token-file", metavar="FILE", help="the server's token (default: $MEDSAM2_SERVER_TOKEN)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

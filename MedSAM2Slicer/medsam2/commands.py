@@ -54,31 +54,45 @@ def segment(args: argparse.Namespace) -> int:
     preview_path = check_output(args.preview, PREVIEW_SUFFIXES, "--preview") if args.preview else None
     if args.threshold is not None and not 0.0 < args.threshold < 1.0:
         raise InputError(f"--threshold is a probability between 0 and 1, got {args.threshold:g}")
-    resolve_device(args.device)
+    client = server_client(args)
+    if client is None:
+        resolve_device(args.device)
     window = parse_window(args.window)
     config = model_config(args.config)
     memory = MemoryOptions(policy=args.memory)
     image = io.read_image(args.input)
     _refuse_overwriting_input(output, image)
     prompts = volume_prompts(prompt_args(args), image)
-    model = open_model(args.model, config, args.image_size, args.device)
-
-    with progress_bar() as progress:
-        result = segment_volume(
-            model,
+    options = {
+        "modality": args.modality,
+        "window": window,
+        "orientations": args.orientations,
+        "aggregate": args.aggregate,
+        "memory": memory,
+        "roi": None if args.no_roi else "auto",
+        "seed": args.seed,
+        "pipeline": args.pipeline,
+    }
+    if client is not None:
+        job = client.submit_volume(
             image.array,
             prompts,
+            model=args.model,
             spacing=image.spacing_zyx,
-            modality=args.modality,
-            window=window,
-            orientations=args.orientations,
-            aggregate=args.aggregate,
-            memory=memory,
-            roi=None if args.no_roi else "auto",
-            progress=progress,
-            seed=args.seed,
-            pipeline=args.pipeline,
+            device=args.device,
+            config=config,
+            image_size=args.image_size,
+            return_probabilities=args.threshold is not None,
+            **options,
         )
+        with progress_bar() as progress:
+            result = job.wait(progress)
+    else:
+        model = open_model(args.model, config, args.image_size, args.device)
+        with progress_bar() as progress:
+            result = segment_volume(
+                model, image.array, prompts, spacing=image.spacing_zyx, progress=progress, **options
+            )
     labels = thresholded(result, args.obj_id, args.threshold)
     preview = None
     if preview_path is not None:
@@ -90,6 +104,20 @@ def segment(args: argparse.Namespace) -> int:
         io.write_png(preview_path, preview)
     print(_summary(output, labels, args.obj_id, image.spacing_zyx, result))
     return 0
+
+
+def server_client(args: argparse.Namespace):
+    """The client of ``--server``, with the token of ``--token-file`` or ``$MEDSAM2_SERVER_TOKEN``; None
+    when the command runs the engine itself."""
+    if not getattr(args, "server", None):
+        return None
+    from .service.client import EngineClient
+    from .service.serve import TOKEN_ENV, read_token
+
+    token = read_token(Path(args.token_file) if args.token_file else None)
+    if token is None:
+        raise InputError(f"--server needs the server's token: --token-file FILE or ${TOKEN_ENV}")
+    return EngineClient(args.server, token)
 
 
 def prompt_args(args: argparse.Namespace) -> PromptArgs:
@@ -166,26 +194,25 @@ def images(args: argparse.Namespace) -> int:
     twins = {n for n in mask_names if mask_names.count(n) > 1}
     if twins:
         raise InputError(f"Several images would give the mask file {sorted(twins)[0]}: rename one of them")
-    resolve_device(args.device)
+    client = server_client(args)
+    if client is None:
+        resolve_device(args.device)
     config = model_config(args.config)
     memory = MemoryOptions(policy=args.memory)
     pictures = [io.read_2d_image(f) for f in files]
     prompt = image_prompt(prompt_args(args), pictures[template].shape[:2])
-    model = open_model(args.model, config, args.image_size, args.device)
-
-    with progress_bar("image") as progress:
-        masks = segment_images(
-            model,
-            pictures,
-            template=template,
-            points=prompt.points,
-            labels=prompt.labels,
-            box=prompt.box,
-            mask=prompt.mask,
-            memory=memory,
-            seed=args.seed,
-            progress=progress,
-        )
+    fields = {"points": prompt.points, "labels": prompt.labels, "box": prompt.box, "mask": prompt.mask}
+    if client is not None:
+        model = {"model": args.model, "device": args.device, "config": config, "image_size": args.image_size}
+        job = client.submit_images(pictures, template, memory=memory, seed=args.seed, **model, **fields)
+        with progress_bar("image") as progress:
+            masks = job.wait(progress)
+    else:
+        model = open_model(args.model, config, args.image_size, args.device)
+        with progress_bar("image") as progress:
+            masks = segment_images(
+                model, pictures, template=template, memory=memory, seed=args.seed, progress=progress, **fields
+            )
     sheet = None
     if preview_path is not None:
         marks = Marks(

@@ -62,6 +62,7 @@ class ImagesJob(ModelChoice):
     box: list[float] | None = None
     mask: dict[str, Any] | None = None
     memory: dict[str, Any] | None = None
+    seed: int = 0
 
 
 class _BodyTooLarge(Exception):

@@ -278,11 +278,16 @@ class EngineClient:
         device: str = "auto",
         dtype: str | None = None,
         memory=None,
+        seed: int = 0,
+        config=None,
+        image_size: int | None = None,
     ) -> RemoteJob:
         """Start ``medsam2.segment_images`` on the server."""
         options = {"memory": memory} if memory is not None else {}
+        model_options = {"config": config, "image_size": image_size}
         request = {
-            **self._model_fields(model, device, dtype, options),
+            **self._model_fields(model, device, dtype, model_options),
+            "seed": int(seed),
             "images": [self.upload_array(np.asarray(image)) for image in images],
             "template": int(template),
             "points": None if points is None else np.asarray(points, dtype=float).tolist(),

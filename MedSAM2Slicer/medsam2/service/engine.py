@@ -134,6 +134,7 @@ class ServiceEngine:
                 images,
                 template,
                 memory=memory,
+                seed=int(request.get("seed", 0)),
                 progress=context.progress,
                 cancel=context.cancel,
                 **prompt,
