@@ -1,8 +1,9 @@
 """An engine server started as a child process on this computer (Slicer's local mode, tests, scripts).
 
-The child is ``<python> -m medsam2 serve`` on a free loopback port, with a random token passed through its
-environment, watching this process (``--parent-pid``) so that it exits when we do, however we end. Its port
-arrives through a ready file; its output goes to a log file, so that no thread of ours has to read a pipe.
+The child is ``medsam2 serve`` run by ``python`` (in Slicer: PythonSlicer) on a free loopback port, with a
+random token passed through its environment, watching this process (``--parent-pid``) so that it exits when
+we do, however we end. Its port arrives through a ready file; its output goes to a log file, so that no thread
+of ours has to read a pipe.
 Nothing here blocks for long: :meth:`LocalServer.poll` looks once, for a GUI timer; :meth:`wait_ready` loops
 for scripts.
 """
@@ -23,9 +24,11 @@ from ..errors import MedSAM2Error
 from .client import EngineClient
 from .serve import TOKEN_ENV
 
-# The folder holding the ``medsam2`` package, put on the child's PYTHONPATH: inside Slicer the package sits in
-# the module's folder, which only Slicer's own path settings know about.
+# The folder holding the ``medsam2`` package. Inside Slicer the package sits in the module's folder, which only
+# the Slicer process's own sys.path knows about, and PythonSlicer's launcher sets PYTHONPATH itself; so the
+# child is told the folder on its command line and puts it first on its sys.path.
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]
+_BOOTSTRAP = "import sys; sys.path.insert(0, sys.argv.pop(1)); from medsam2.cli import main; sys.exit(main())"
 
 
 class ServerState(str, Enum):
@@ -78,13 +81,11 @@ class LocalServer:
         self._ready_file = self.folder / f"ready-{tag}.json"
         self.log_file = self.folder / f"server-{tag}.log"
         environment = {**os.environ, **self.environment, TOKEN_ENV: token, "PYTHONUNBUFFERED": "1"}
-        environment["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(PACKAGE_PARENT), environment.get("PYTHONPATH", "")) if p
-        )
         command = [
             self.python,
-            "-m",
-            "medsam2",
+            "-c",
+            _BOOTSTRAP,
+            str(PACKAGE_PARENT),
             "serve",
             "--host",
             "127.0.0.1",
