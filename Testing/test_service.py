@@ -377,3 +377,22 @@ def test_the_cli_segments_through_a_server(client, model, tmp_path):
     ]
     assert main(refused) == 2
     assert not (tmp_path / "refused.nrrd").exists()
+
+
+def test_a_model_download_shows_in_the_job_status(monkeypatch, tmp_path):
+    """While a registry model downloads, a running job's status carries the bytes so far (read from the
+    download's partial file, so the downloader needs no callback)."""
+    from medsam2 import models
+    from medsam2.service.engine import download_status
+
+    monkeypatch.setenv("MEDSAM2_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "_REGISTRY", dict(models._REGISTRY))
+    entry = models.get("sam2.1_hiera_tiny")
+    assert download_status(entry.name) == {
+        "download": {"model": entry.name, "bytes": 0, "total": entry.size_bytes}
+    }
+    (tmp_path / (entry.filename + ".partial")).write_bytes(b"x" * 1000)
+    assert download_status(entry.name)["download"]["bytes"] == 1000
+    (tmp_path / entry.filename).write_bytes(b"done")
+    assert download_status(entry.name) == {}
+    assert download_status("medsam2-lite") == {}  # shipped and assembled locally: nothing to download
