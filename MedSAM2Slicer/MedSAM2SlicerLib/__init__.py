@@ -1,5 +1,5 @@
-"""Slicer adapters for the MedSAM2 engine: MRML nodes <-> numpy, prompts from markups, segment writing and a
-worker thread. Needs only what the ``slicer-core`` wheel provides (MRML, vtk) and the ``medsam2`` engine.
+"""Slicer adapters for the MedSAM2 engine: MRML nodes <-> numpy, prompts from markups, the intensity window,
+segment writing as Segment Editor undo steps, and a worker thread. Needs only what the ``slicer-core`` wheel provides (MRML, vtk) and the ``medsam2`` engine.
 
 The names below are imported on first use, so that ``MedSAM2SlicerLib.dependencies`` (which installs PyTorch
 inside Slicer) can be imported before PyTorch is there.
@@ -13,6 +13,8 @@ _EXPORTS = {
     "VolumeGeometry": "geometry",
     "volume_array": "geometry",
     "volume_geometry": "geometry",
+    "EditorUndo": "history",
+    "OwnUndo": "history",
     "Correction": "logic",
     "Request": "logic",
     "SegmentationLogic": "logic",
@@ -22,6 +24,8 @@ _EXPORTS = {
     "SegmentWriter": "segment_writer",
     "ensure_converter_rules": "segments",
     "read_segment_mask": "segments",
+    "WindowSource": "window",
+    "window_options": "window",
     "Job": "worker",
     "Progress": "worker",
     "Worker": "worker",
