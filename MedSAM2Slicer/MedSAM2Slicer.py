@@ -584,9 +584,7 @@ class MedSAM2SlicerLogic(ScriptedLoadableModuleLogic):
 
     def undo(self, p) -> bool:
         """The Segment Editor's undo on the panel's segmentation; a segment it removes is no longer filled."""
-        taken_back = p.segmentation is not None and self.history.undo(p.segmentation)
-        scene_nodes().forget_missing_segment(p)
-        return taken_back
+        return scene_nodes().undo(p, self.history)
 
     def clearHistory(self) -> None:
         if self._history is not None:

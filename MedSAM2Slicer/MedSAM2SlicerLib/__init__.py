@@ -1,5 +1,6 @@
 """Slicer adapters for the MedSAM2 engine: MRML nodes <-> numpy, prompts from markups, the intensity window,
-segment writing as Segment Editor undo steps, and a worker thread. Needs only what the ``slicer-core`` wheel provides (MRML, vtk) and the ``medsam2`` engine.
+segment writing as Segment Editor undo steps, and a worker thread. Needs only what the ``slicer-core`` wheel
+provides (MRML, vtk) and the ``medsam2`` engine.
 
 The names below are imported on first use, so that ``MedSAM2SlicerLib.dependencies`` (which installs PyTorch
 inside Slicer) can be imported before PyTorch is there.
@@ -34,7 +35,12 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
+_SUBMODULES = {"history", "panel", "scene_nodes", "window"}
+
+
 def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return import_module(f".{name}", __name__)
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -67,6 +67,15 @@ def chosen_segment(p, segment_id: str) -> str:
     return segment_id or ""
 
 
+def undo(p, history) -> bool:
+    """The latest step of the panel's segmentation's undo ``history``; a segment it removes is filled no more.
+
+    False when there was nothing to undo."""
+    taken_back = p.segmentation is not None and history.undo(p.segmentation)
+    forget_missing_segment(p)
+    return taken_back
+
+
 def forget_missing_segment(p) -> None:
     """Fill no segment when the one the panel filled is gone (after an undo)."""
     if p.segmentID and not has_segment(p.segmentation, p.segmentID):
