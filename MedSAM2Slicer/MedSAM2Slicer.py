@@ -93,8 +93,9 @@ class MedSAM2Slicer(ScriptedLoadableModule):
             "<b>Segment</b>. Fix a few slices with the Segment Editor and press <b>Propagate corrections</b>. "
             "<b>Undo</b> is the Segment Editor's undo: it takes back the last result or the edits made after "
             "it, in order.<br><br>"
-            "<b>Window</b>: by default the model sees a CT as the view shows it (its window/level); choose a "
-            "preset, a level and width, or <i>auto</i> (the engine's own rule) in Options.<br><br>"
+            "<b>Window</b>: by default the model sees a CT as the slice views show it (its window/level); "
+            "<i>Window</i> shows what it gets and can choose a preset, a level and width, or <i>auto</i> (the "
+            "engine's own rule).<br><br>"
             "<b>Shortcuts</b> (while this module is shown): Ctrl+Shift+P positive point, Ctrl+Shift+N negative "
             "point, Ctrl+Shift+B box, Ctrl+Shift+M segment on the slice under the mouse as mask, "
             "Ctrl+Shift+G segment (again: cancel), Ctrl+Shift+R propagate corrections.<br><br>"
@@ -166,6 +167,7 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._run = None
         self._lastSliceNodeID = ""
         self._promptNodesObserved = []
+        self._displayObserved = None  # the input volume's display node: its window is what the model gets
         self._shortcuts = []
         self._cpuNoteShown = False
         self._timer = qt.QTimer()
@@ -235,7 +237,7 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         self.removeObservers()
-        self._promptNodesObserved = []
+        self._promptNodesObserved, self._displayObserved = [], None
         if self.logic is not None:
             self.logic.forgetHistory()
         self._timer.stop()
@@ -262,6 +264,7 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._run.job.cancel()
         self.setParameterNode(None)
         self._observePromptNodes([])
+        self._observeDisplay(None)
         self.logic.clearHistory()
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -306,14 +309,14 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             placeWidget.visible = node is not None
             startButton.visible = node is None
         self._observePromptNodes([p.positivePoints, p.negativePoints, p.box])
+        self._observeDisplay(p.inputVolume.GetDisplayNode() if p.inputVolume else None)
         self.ui.windowCustomWidget.visible = p.windowSource == "custom"
         localFile = p.modelName == LOCAL_FILE
         self.ui.modelPathLabel.visible = self.ui.modelPathLineEdit.visible = localFile
         self.ui.modelStatusLabel.text = model_choice().status(p.modelName, p.modelPath)
         if model_choice().engine_importable():  # no mask prompt can be set before
             self.ui.maskPromptLabel.text = panel().mask_description(p)
-            with contextlib.suppress(Exception):  # e.g. an empty volume: said when a run starts
-                self.ui.windowDescriptionLabel.text = panel().window_description(p)
+            self._showWindow()
 
         running = self._run is not None
         self.ui.applyButton.text = _("Cancel") if running else _("Segment")
@@ -330,6 +333,24 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.optionsCollapsibleButton,
         ):
             widget.enabled = not running
+
+    def _observeDisplay(self, displayNode) -> None:
+        if displayNode is self._displayObserved:
+            return
+        if self._displayObserved is not None:
+            self.removeObserver(self._displayObserved, vtk.vtkCommand.ModifiedEvent, self._showWindow)
+        if displayNode is not None:
+            self.addObserver(displayNode, vtk.vtkCommand.ModifiedEvent, self._showWindow)
+        self._displayObserved = displayNode
+
+    def _showWindow(self, caller=None, event=None) -> None:
+        """What the model will get of the input volume (follows the window/level of the slice views)."""
+        if self._parameterNode is None or not model_choice().engine_importable():
+            return
+        try:
+            self.ui.windowDescriptionLabel.text = panel().window_description(self._parameterNode)
+        except Exception as error:  # e.g. a volume without voxels: the run will say so
+            self.ui.windowDescriptionLabel.text = str(error)
 
     # -- inputs, model ----------------------------------------------------------------------------------------
 
@@ -618,8 +639,7 @@ class MedSAM2SlicerLogic(ScriptedLoadableModuleLogic):
         """Copy the inputs out of the scene and queue the engine run on the worker thread (GUI thread)."""
         self.useModel(model_choice().source(p.modelName, p.modelPath), p.device)
         prompts = panel().panel_prompts(p)
-        if p.segmentation is None:
-            scene_nodes().add_segment(p, self.history)
+        scene_nodes().ensure_segmentation(p)  # the run adds the segment: one undo step
         request = self.segmentation.prepare(
             p.inputVolume, p.segmentation, prompts, p.segmentID or None, panel().engine_options(p)
         )

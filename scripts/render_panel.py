@@ -123,7 +123,12 @@ def fill_like_the_module(panel) -> None:
     models = panel.findChild(QtWidgets.QComboBox, "modelComboBox")
     models.addItems(model_labels() + ["Local file..."])
     # Before the first placement the module shows its Place buttons; the place widgets come with the nodes.
-    hidden = ("positivePointsPlaceWidget", "negativePointsPlaceWidget", "boxPlaceWidget", "windowCustomWidget")
+    hidden = (
+        "positivePointsPlaceWidget",
+        "negativePointsPlaceWidget",
+        "boxPlaceWidget",
+        "windowCustomWidget",
+    )
     for name in hidden + ("modelPathLabel", "modelPathLineEdit", "downloadProgressBar"):
         panel.findChild(QtWidgets.QWidget, name).hide()
     panel.findChild(QtWidgets.QLabel, "windowDescriptionLabel").setText("level -500, width 1400")

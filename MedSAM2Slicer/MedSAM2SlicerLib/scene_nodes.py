@@ -36,9 +36,8 @@ def prompt_node(p, field: str, scene):
     return node
 
 
-def add_segment(p, history) -> str:
-    """Add an empty segment (and a segmentation on the input volume if there is none) as one undo step of
-    ``history`` (:mod:`MedSAM2SlicerLib.history`); the panel fills it next. Returns its ID."""
+def ensure_segmentation(p):
+    """The panel's segmentation; a new one on the input volume's grid when there is none."""
     if p.segmentation is None:
         if not p.inputVolume:
             raise ValueError("Select an input volume first")
@@ -49,12 +48,19 @@ def add_segment(p, history) -> str:
         segmentation.CreateDefaultDisplayNodes()
         segmentation.SetReferenceImageGeometryParameterFromVolumeNode(p.inputVolume)
         p.segmentation = segmentation
-    history.save_state(p.segmentation, p.inputVolume)
-    segmentation = p.segmentation.GetSegmentation()
+    return p.segmentation
+
+
+def add_segment(p, history) -> str:
+    """Add an empty segment (and a segmentation on the input volume if there is none) as one undo step of
+    ``history`` (:mod:`MedSAM2SlicerLib.history`); the panel fills it next. Returns its ID."""
+    node = ensure_segmentation(p)
+    history.save_state(node, p.inputVolume)
+    segmentation = node.GetSegmentation()
     # vtkSegmentation::AddEmptySegment(segmentId, segmentName, color): an empty ID is generated.
     segment_id = segmentation.AddEmptySegment("", unused_segment_name(segmentation))
     if not segment_id:
-        raise RuntimeError(f"Could not add a segment to '{p.segmentation.GetName()}'")
+        raise RuntimeError(f"Could not add a segment to '{node.GetName()}'")
     p.segmentID = segment_id
     return segment_id
 

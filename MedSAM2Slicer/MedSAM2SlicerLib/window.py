@@ -53,12 +53,21 @@ def display_window(volume_node) -> tuple[float, float] | None:
 
 def volume_modality(volume_node) -> str:
     """``"ct"`` when the voxels look like Hounsfield units (``medsam2.preprocess.guess_modality``), else
-    ``"other"``. Reads the voxels in place: nothing is copied or changed."""
+    ``"other"``. Reads the voxels in place (nothing is copied or changed), once per version of the voxels."""
     image = volume_node.GetImageData()
     scalars = image.GetPointData().GetScalars() if image is not None else None
     if scalars is None:
         raise InputError(f"Volume '{volume_node.GetName()}' has no image data")
-    return guess_modality(numpy_support.vtk_to_numpy(scalars).reshape(-1, 1))
+    key = (volume_node.GetID(), scalars.GetAddressAsString("vtkDataArray"), scalars.GetMTime())
+    if key not in _MODALITIES:
+        if len(_MODALITIES) >= 8:
+            _MODALITIES.pop(next(iter(_MODALITIES)))
+        _MODALITIES[key] = guess_modality(numpy_support.vtk_to_numpy(scalars).reshape(-1, 1))
+    return _MODALITIES[key]
+
+
+# The panel asks on every change it shows; the guess reads the whole volume.
+_MODALITIES: dict[tuple, str] = {}
 
 
 def window_options(
