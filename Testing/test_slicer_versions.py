@@ -126,7 +126,6 @@ QT5_ONLY = {
     r"\bQDesktopWidget\b": "QDesktopWidget (Qt 6: QScreen)",
     r"\bQStringRef\b": "QStringRef",
     r"\bQTextCodec\b": "QTextCodec",
-    r"\bqt\.QAction\b": "qt.QAction's module moved in Qt 6",
 }
 
 
