@@ -15,12 +15,13 @@ So a MedSAM2 write saves a state in that same history before it changes anything
   choosing it in the Segment Editor does).
 - :class:`OwnUndo` keeps a ``vtkSegmentationHistory`` of its own, for scripts without a Segment Editor.
 
-Memory: a state shares every representation that has not changed since the state before
-(``vtkSegmentation::CopySegment`` with a baseline) and deep-copies the rest. A MedSAM2 write changes one
-binary labelmap layer (and the closed surfaces made from it, if shown in 3D), so the history holds at most
-``maximum states`` copies of that layer: with :data:`UNDO_STATES` = 10 (the Segment Editor module's own
-setting, ``Modules/Scripted/SegmentEditor/SegmentEditor.py``) at most 10 bytes per voxel of the volume's grid,
-plus surfaces. Both histories are emptied when the scene closes.
+Memory: the first state copies every representation of the segmentation; each later state shares what has
+not changed since the state before (``vtkSegmentation::CopySegment`` with a baseline) and deep-copies the rest.
+A MedSAM2 write changes one binary labelmap layer (and the closed surfaces made from it, if shown in 3D). So
+with :data:`UNDO_STATES` = 10 (the Segment Editor module's own setting,
+``Modules/Scripted/SegmentEditor/SegmentEditor.py``) the history holds one copy of the segmentation plus at most
+9 copies of a written layer: a layer is one byte per voxel of the segmentation's grid (the volume's, unless
+oversampled), over the extent its segments cover. Both histories are emptied when the scene closes.
 """
 
 from __future__ import annotations

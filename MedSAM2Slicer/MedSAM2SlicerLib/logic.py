@@ -75,12 +75,29 @@ class _RunRecord:
     prompts: list[Prompt]
     options: dict
     threshold: float | None
-    written: np.ndarray  # np.packbits of the written [K, J, I] mask
     shape: tuple[int, int, int]
+    box: tuple[slice, ...]  # the written mask's bounding box (empty slices for an empty mask)
+    written: np.ndarray  # np.packbits of the written mask inside ``box``
+
+    @classmethod
+    def of(cls, request: Request, mask: np.ndarray) -> _RunRecord:
+        found = np.nonzero(mask)
+        box = tuple(slice(int(a.min()), int(a.max()) + 1) if a.size else slice(0, 0) for a in found)
+        return cls(
+            request.volume_node_id,
+            list(request.prompts),
+            request.options,
+            request.threshold,
+            tuple(mask.shape),
+            box,
+            np.packbits(mask[box].ravel()),
+        )
 
     def written_mask(self) -> np.ndarray:
-        count = int(np.prod(self.shape))
-        return np.unpackbits(self.written, count=count).astype(bool).reshape(self.shape)
+        full = np.zeros(self.shape, dtype=bool)
+        inside = full[self.box]
+        inside[...] = np.unpackbits(self.written, count=inside.size).astype(bool).reshape(inside.shape)
+        return full
 
 
 class SegmentationLogic:
@@ -236,17 +253,8 @@ class SegmentationLogic:
         runs = self._runs.setdefault((node.GetID(), segment_id), [])
         if not existed:
             runs.clear()  # a segment removed earlier may have had this ID
-        runs.append(
-            _RunRecord(
-                request.volume_node_id,
-                list(request.prompts),
-                request.options,
-                request.threshold,
-                np.packbits(mask.ravel()),
-                request.geometry.shape,
-            )
-        )
-        del runs[:-UNDO_STATES]
+        runs.append(_RunRecord.of(request, mask))
+        del runs[:-UNDO_STATES]  # older runs than the history can bring back
         return segment_id
 
     def set_model(self, model, device: str = "auto") -> None:
