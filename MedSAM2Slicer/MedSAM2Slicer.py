@@ -2,16 +2,21 @@
 
 A thin front end in the shape of Slicer's scripted-module template: the panel is ``Resources/UI/MedSAM2Slicer.ui``,
 its settings live in a parameter node, and ``MedSAM2SlicerLib`` does the work (prompts from markups, the
-segment written with undo). The engine never runs in the Slicer process: a QTimer polls a run on an engine
-server, which Slicer starts as its child process (or which runs on another computer), because PythonQt keeps
-Python's GIL on the GUI thread and a worker thread here would crawl. Nothing heavy is imported when Slicer
-loads the module: PyTorch and the engine are imported on first use, after ``dependencies.ensure`` installed
-what is missing.
+segment written as a step of the Segment Editor's undo history). The engine never runs in the Slicer process:
+a QTimer polls a run on an engine server, which Slicer starts as its child process (or which runs on another
+computer), because PythonQt keeps Python's GIL on the GUI thread and a worker thread here would crawl. Nothing
+heavy is imported when Slicer loads the module: PyTorch and the engine are imported on first use, after
+``dependencies.ensure`` installed what is missing.
+
+Supported: Slicer 5.10 and later (Python 3.12), built with Qt 5 or Qt 6. This file still loads in older
+Slicers (Python 3.9) so as to say so, instead of failing in the middle of a run: keep it free of syntax and
+run-time annotations newer than Python 3.9 (CI checks it).
 """
 
 # No ``from __future__ import annotations`` here: parameterNodeWrapper reads the field annotations as types.
 import contextlib
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,11 +59,24 @@ SHORTCUTS = {
     "Ctrl+Shift+G": "onApplyButton",
     "Ctrl+Shift+R": "onPropagateCorrections",
 }
-PROMPT_COLORS = {
-    "positivePoints": (0.2, 0.85, 0.2),
-    "negativePoints": (0.95, 0.25, 0.2),
-    "box": (1.0, 0.85, 0.1),
-}
+# MedSAM2SlicerLib.window.WINDOW_CHOICES, here without importing the engine.
+WINDOW_CHOICES = ["view", "auto", "abdomen", "lung", "bone", "brain", "mediastinum", "custom"]
+MINIMUM_SLICER = (5, 10)
+MINIMUM_PYTHON = (3, 12)
+
+
+def unsupportedSlicerMessage(slicerVersion, pythonVersion) -> str:
+    """Why this Slicer cannot run the module ("" when it can): ``(major, minor)`` of Slicer and Python."""
+    if tuple(slicerVersion) >= MINIMUM_SLICER and tuple(pythonVersion) >= MINIMUM_PYTHON:
+        return ""
+    return (
+        "MedSAM2 needs 3D Slicer {}.{} or later (Python {}.{}); this is Slicer {}.{} with Python {}.{}. "
+        "Install a current Slicer from download.slicer.org and add the MedSAM2 extension there."
+    ).format(*MINIMUM_SLICER, *MINIMUM_PYTHON, *slicerVersion, *pythonVersion)
+
+
+def _unsupported() -> str:
+    return unsupportedSlicerMessage((slicer.app.majorVersion, slicer.app.minorVersion), sys.version_info[:2])
 
 
 class MedSAM2Slicer(ScriptedLoadableModule):
@@ -76,7 +94,11 @@ class MedSAM2Slicer(ScriptedLoadableModule):
             "view place positive points inside the structure, negative points outside, a box around it, or "
             "draw it on one slice with the Segment Editor and press <i>Use segment on this slice</i>; press "
             "<b>Segment</b>. Fix a few slices with the Segment Editor and press <b>Propagate corrections</b>. "
-            "<b>Undo</b> takes the last result back.<br><br>"
+            "<b>Undo</b> is the Segment Editor's undo: it takes back the last result or the edits made after "
+            "it, in order.<br><br>"
+            "<b>Window</b>: by default the model sees a CT as the slice views show it (its window/level); "
+            "<i>Window</i> shows what it gets and can choose a preset, a level and width, or <i>auto</i> (the "
+            "engine's own rule).<br><br>"
             "<b>Shortcuts</b> (while this module is shown): Ctrl+Shift+P positive point, Ctrl+Shift+N negative "
             "point, Ctrl+Shift+B box, Ctrl+Shift+M segment on the slice under the mouse as mask, "
             "Ctrl+Shift+G segment (again: cancel), Ctrl+Shift+R propagate corrections.<br><br>"
@@ -90,12 +112,19 @@ class MedSAM2Slicer(ScriptedLoadableModule):
             "al., bowang-lab). Module layout after Slicer's scripted-module template and A. Lasso's "
             "SlicerMONAIAuto3DSeg."
         )
+        problem = _unsupported()
+        if problem:  # said at load, in the log, the module's help and a message once the application runs
+            logging.error(problem)
+            self.parent.helpText = problem
+            qt.QTimer.singleShot(0, lambda: slicer.util.warningDisplay(problem, windowTitle="MedSAM2"))
 
 
 @parameterNodeWrapper
 class MedSAM2SlicerParameterNode:
     """What the panel shows. ``promptViewNodeID`` is the slice view the points/box were placed in; the mask
     prompt is the segment ``maskSegmentID`` on slice ``maskSlice`` along array axis ``maskAxis`` (-1: none).
+    ``windowSource`` is "view" (the display window on CT), "auto" (the engine's rule), a preset name, or
+    "custom" (``windowLevel``, ``windowWidth``). The prompt nodes are made on first placement.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -117,6 +146,9 @@ class MedSAM2SlicerParameterNode:
     confidenceThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     engine: Annotated[str, Choice([LOCAL_ENGINE, REMOTE_ENGINE])] = LOCAL_ENGINE
     serverUrl: str = ""
+    windowSource: Annotated[str, Choice(WINDOW_CHOICES)] = "view"
+    windowLevel: float = 40.0
+    windowWidth: Annotated[float, WithinRange(1.0, 100000.0)] = 400.0
 
 
 @dataclass
@@ -138,6 +170,8 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._run = None
         self._lastSliceNodeID = ""
+        self._promptNodesObserved = []
+        self._displayObserved = None  # the input volume's display node: its window is what the model gets
         self._shortcuts = []
         self._cpuNoteShown = False
         self._timer = qt.QTimer()
@@ -150,6 +184,13 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
+        problem = _unsupported()
+        if problem:  # nothing of the panel would work: say why instead
+            label = qt.QLabel(problem)
+            label.wordWrap = True
+            self.layout.addWidget(label)
+            self.layout.addStretch(1)
+            return
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/MedSAM2Slicer.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
@@ -170,6 +211,9 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 else slicer.qSlicerMarkupsPlaceWidget.ForcePlaceMultipleMarkups
             )
         self.ui.boxPlaceWidget.placeButton().toggled.connect(self.onBoxPlaceToggled)
+        self.ui.positivePointsButton.clicked.connect(self.onPlacePositive)
+        self.ui.negativePointsButton.clicked.connect(self.onPlaceNegative)
+        self.ui.boxButton.clicked.connect(self.onPlaceBox)
         self.ui.modelPathLineEdit.filters = ctk.ctkPathLineEdit.Files | ctk.ctkPathLineEdit.Readable
         self.ui.downloadProgressBar.hide()
         self._fillModelList()
@@ -198,6 +242,9 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         self.removeObservers()
+        self._promptNodesObserved, self._displayObserved = [], None
+        if self.logic is not None:
+            self.logic.forgetHistory()
         self._timer.stop()
         for shortcut in self._shortcuts:
             shortcut.setParent(None)
@@ -208,6 +255,8 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.shutdownEngine()
 
     def enter(self) -> None:
+        if self.logic is None:  # unsupported Slicer
+            return
         self.initializeParameterNode()
         for shortcut in self._shortcuts:
             shortcut.setEnabled(True)
@@ -221,6 +270,9 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._run.job.cancel()
             self._endRun(_("The run was stopped: the scene was closed."))
         self.setParameterNode(None)
+        self._observePromptNodes([])
+        self._observeDisplay(None)
+        self.logic.clearHistory()
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -232,9 +284,7 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         parameterNode = self.logic.getParameterNode()
         if not parameterNode.inputVolume:
             parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-        self.logic.ensurePromptNodes(parameterNode)
         self.setParameterNode(parameterNode)
-        self._observePromptNodes()
 
     def setParameterNode(self, parameterNode) -> None:
         if self._parameterNode:
@@ -260,9 +310,14 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 index = 0
             self.ui.modelComboBox.currentIndex = index
             self.ui.modelPathLineEdit.currentPath = p.modelPath
-        self.ui.positivePointsPlaceWidget.setCurrentNode(p.positivePoints)
-        self.ui.negativePointsPlaceWidget.setCurrentNode(p.negativePoints)
-        self.ui.boxPlaceWidget.setCurrentNode(p.box)
+        for field, placeWidget, startButton in self._promptWidgets():
+            node = getattr(p, field)
+            placeWidget.setCurrentNode(node)
+            placeWidget.visible = node is not None
+            startButton.visible = node is None
+        self._observePromptNodes([p.positivePoints, p.negativePoints, p.box])
+        self._observeDisplay(p.inputVolume.GetDisplayNode() if p.inputVolume else None)
+        self.ui.windowCustomWidget.visible = p.windowSource == "custom"
         localFile = p.modelName == LOCAL_FILE
         self.ui.modelPathLabel.visible = self.ui.modelPathLineEdit.visible = localFile
         remote = p.engine == REMOTE_ENGINE
@@ -277,6 +332,7 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelStatusLabel.text = model_choice().status(p.modelName, p.modelPath)
         if model_choice().engine_importable():  # no mask prompt can be set before
             self.ui.maskPromptLabel.text = panel().mask_description(p)
+            self._showWindow()
 
         running = self._run is not None
         self.ui.applyButton.text = _("Cancel") if running else _("Segment")
@@ -284,7 +340,8 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.propagateCorrectionsButton.enabled = not running and bool(
             p.inputVolume and p.segmentation and p.segmentID
         )
-        self.ui.undoButton.enabled = not running and self.logic.canUndo
+        # Segment Editor edits change what can be undone without telling the panel: Undo says when nothing is left.
+        self.ui.undoButton.enabled = not running and bool(p.segmentation)
         for widget in (
             self.ui.inputsCollapsibleButton,
             self.ui.promptsCollapsibleButton,
@@ -294,19 +351,38 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ):
             widget.enabled = not running
 
+    def _observeDisplay(self, displayNode) -> None:
+        if displayNode is self._displayObserved:
+            return
+        if self._displayObserved is not None:
+            self.removeObserver(self._displayObserved, vtk.vtkCommand.ModifiedEvent, self._showWindow)
+        if displayNode is not None:
+            self.addObserver(displayNode, vtk.vtkCommand.ModifiedEvent, self._showWindow)
+        self._displayObserved = displayNode
+
+    def _showWindow(self, caller=None, event=None) -> None:
+        """What the model will get of the input volume (follows the window/level of the slice views)."""
+        if self._parameterNode is None or not model_choice().engine_importable():
+            return
+        try:
+            self.ui.windowDescriptionLabel.text = panel().window_description(self._parameterNode)
+        except Exception as error:  # e.g. a volume without voxels: the run will say so
+            self.ui.windowDescriptionLabel.text = str(error)
+
     # -- inputs, model ----------------------------------------------------------------------------------------
 
     def onSegmentationChanged(self, node) -> None:
         if self._parameterNode:
             self._parameterNode.segmentation = node
+            scene_nodes().forget_missing_segment(self._parameterNode)
 
     def onSegmentChanged(self, segmentID) -> None:
         if self._parameterNode:
-            self._parameterNode.segmentID = segmentID or ""
+            self._parameterNode.segmentID = scene_nodes().chosen_segment(self._parameterNode, segmentID)
 
     def onAddSegment(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Cannot add a segment."), waitCursor=True):
-            self.logic.addSegment(self._parameterNode)
+            scene_nodes().add_segment(self._parameterNode, self.logic.history)
 
     def onModelChanged(self, index) -> None:
         if self._parameterNode and index >= 0:
@@ -358,31 +434,48 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode and self._lastSliceNodeID:
             self._parameterNode.promptViewNodeID = self._lastSliceNodeID
 
-    def _observePromptNodes(self) -> None:
-        p = self._parameterNode
-        for node in (p.positivePoints, p.negativePoints, p.box):
-            if node is not None and not self.hasObserver(
-                node, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self._onPromptPlaced
-            ):
-                self.addObserver(
-                    node, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self._onPromptPlaced
-                )
+    def _promptWidgets(self):
+        """(parameter field, place widget, button that makes the node and starts placing) per prompt."""
+        return (
+            ("positivePoints", self.ui.positivePointsPlaceWidget, self.ui.positivePointsButton),
+            ("negativePoints", self.ui.negativePointsPlaceWidget, self.ui.negativePointsButton),
+            ("box", self.ui.boxPlaceWidget, self.ui.boxButton),
+        )
+
+    def _observePromptNodes(self, nodes) -> None:
+        """Observe exactly ``nodes`` (None entries skipped): observations of nodes no longer used end, so a
+        removed node is not kept alive and observations do not pile up."""
+        event = slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent
+        wanted = [node for node in nodes if node is not None]
+        for node in self._promptNodesObserved:
+            if not any(node is other for other in wanted):
+                self.removeObserver(node, event, self._onPromptPlaced)
+        for node in wanted:
+            if not self.hasObserver(node, event, self._onPromptPlaced):
+                self.addObserver(node, event, self._onPromptPlaced)
+        self._promptNodesObserved = wanted
+
+    def _startPlacing(self, field: str) -> None:
+        """Make the prompt node on first use (it then becomes the Markups toolbar's active node) and place."""
+        if self._parameterNode is None:
+            return
+        node = scene_nodes().prompt_node(self._parameterNode, field, slicer.mrmlScene)
+        for name, placeWidget, _startButton in self._promptWidgets():
+            if name == field:
+                placeWidget.setCurrentNode(node)
+                placeWidget.setPlaceModeEnabled(True)
 
     def onPlacePositive(self) -> None:
-        self._observePromptNodes()
-        self.ui.positivePointsPlaceWidget.setPlaceModeEnabled(True)
+        self._startPlacing("positivePoints")
 
     def onPlaceNegative(self) -> None:
-        self._observePromptNodes()
-        self.ui.negativePointsPlaceWidget.setPlaceModeEnabled(True)
+        self._startPlacing("negativePoints")
 
     def onPlaceBox(self) -> None:
-        self._observePromptNodes()
-        self.ui.boxPlaceWidget.setPlaceModeEnabled(True)
+        self._startPlacing("box")
 
     def onBoxPlaceToggled(self, placing) -> None:
         # An ROI node holds one box: a new box replaces the old one.
-        self._observePromptNodes()
         box = self._parameterNode.box if self._parameterNode else None
         if placing and box is not None and box.GetNumberOfControlPoints():
             box.RemoveAllControlPoints()
@@ -427,8 +520,8 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onUndo(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Cannot undo."), waitCursor=True):
-            taken_back = self.logic.undo()
-            self.ui.statusLabel.text = _("Last result taken back.") if taken_back else _("Nothing to undo.")
+            taken_back = self.logic.undo(self._parameterNode)
+            self.ui.statusLabel.text = _("Last step taken back.") if taken_back else _("Nothing to undo.")
             self._updateGUI()
 
     def _start(self, run, what: str) -> None:
@@ -514,6 +607,7 @@ class MedSAM2SlicerLogic(ScriptedLoadableModuleLogic):
         self._segmentation = None
         self._localEngine = None
         self._remote = None  # ((url, token), RemoteEngine)
+        self._history = None
 
     def getParameterNode(self):
         return MedSAM2SlicerParameterNode(super().getParameterNode())
@@ -526,16 +620,32 @@ class MedSAM2SlicerLogic(ScriptedLoadableModuleLogic):
 
             self._localEngine = LocalEngine()
             self._segmentation = SegmentationLogic(
-                model=DEFAULT_MODEL, device="auto", engine=self._localEngine
+                model=DEFAULT_MODEL, device="auto", engine=self._localEngine, history=self.history
             )
         return self._segmentation
 
-    @property
-    def canUndo(self) -> bool:
-        return self._segmentation is not None and self._segmentation.writer.can_undo
+    # -- undo ---------------------------------------------------------------------------------------------------
 
-    def undo(self) -> bool:
-        return self._segmentation is not None and self._segmentation.undo()
+    @property
+    def history(self):
+        """Where writes are saved as undo steps: the Segment Editor's history (no PyTorch needed)."""
+        if self._history is None:
+            from MedSAM2SlicerLib.history import EditorUndo
+
+            self._history = EditorUndo(SegmentEditorAdapter())
+        return self._history
+
+    def undo(self, p) -> bool:
+        """The Segment Editor's undo on the panel's segmentation; a segment it removes is no longer filled."""
+        return scene_nodes().undo(p, self.history)
+
+    def clearHistory(self) -> None:
+        if self._history is not None:
+            self._history.clear()
+
+    def forgetHistory(self) -> None:
+        if self._history is not None:
+            self._history.forget_scenes()
 
     # -- engine ---------------------------------------------------------------------------------------------------
 
@@ -580,35 +690,6 @@ class MedSAM2SlicerLogic(ScriptedLoadableModuleLogic):
 
     # -- prompts ------------------------------------------------------------------------------------------------
 
-    def ensurePromptNodes(self, p) -> None:
-        """The markups nodes that hold the prompts, added where missing (pure MRML: no PyTorch needed)."""
-        for field, className, name in (
-            ("positivePoints", "vtkMRMLMarkupsFiducialNode", "MedSAM2 positive"),
-            ("negativePoints", "vtkMRMLMarkupsFiducialNode", "MedSAM2 negative"),
-            ("box", "vtkMRMLMarkupsROINode", "MedSAM2 box"),
-        ):
-            if getattr(p, field) is None:
-                node = slicer.mrmlScene.AddNewNodeByClass(
-                    className, slicer.mrmlScene.GenerateUniqueName(name)
-                )
-                node.CreateDefaultDisplayNodes()
-                node.GetDisplayNode().SetSelectedColor(*PROMPT_COLORS[field])
-                setattr(p, field, node)
-
-    def addSegment(self, p) -> str:
-        """Add an empty segment (and a segmentation on the input volume if there is none); select it."""
-        if p.segmentation is None:
-            if not p.inputVolume:
-                raise ValueError(_("Select an input volume."))
-            p.segmentation = slicer.mrmlScene.AddNewNodeByClass(
-                "vtkMRMLSegmentationNode", f"{p.inputVolume.GetName()} MedSAM2"
-            )
-            p.segmentation.CreateDefaultDisplayNodes()
-            p.segmentation.SetReferenceImageGeometryParameterFromVolumeNode(p.inputVolume)
-        segmentation = p.segmentation.GetSegmentation()
-        p.segmentID = segmentation.AddEmptySegment("", segmentation.GenerateUniqueSegmentID("MedSAM2"))
-        return p.segmentID
-
     def clearPrompts(self, p) -> None:
         for node in (p.positivePoints, p.negativePoints, p.box):
             if node is not None:
@@ -621,8 +702,7 @@ class MedSAM2SlicerLogic(ScriptedLoadableModuleLogic):
         """Copy the inputs out of the scene and hand the run to the engine server (GUI thread)."""
         self.useModel(model_choice().source(p.modelName, p.modelPath), p.device)
         prompts = panel().panel_prompts(p)
-        if p.segmentation is None:
-            self.addSegment(p)
+        scene_nodes().ensure_segmentation(p)  # the run adds the segment: one undo step
         request = self.segmentation.prepare(
             p.inputVolume, p.segmentation, prompts, p.segmentID or None, panel().engine_options(p)
         )
@@ -675,6 +755,54 @@ def panel():
     from MedSAM2SlicerLib import panel
 
     return panel
+
+
+def scene_nodes():
+    """``MedSAM2SlicerLib.scene_nodes``, imported on first use (it needs no PyTorch)."""
+    from MedSAM2SlicerLib import scene_nodes
+
+    return scene_nodes
+
+
+class SegmentEditorAdapter:
+    """The Segment Editor module's editor (``qMRMLSegmentEditorWidget``) with the ``vtkSlicerSegmentEditorLogic``
+    method names that ``MedSAM2SlicerLib.history.EditorUndo`` calls.
+
+    Each slot used here calls that same method of the widget's logic, and its parameter node says which
+    segmentation and source volume it edits (``Modules/Loadable/Segmentations/Widgets/qMRMLSegmentEditorWidget.cxx``
+    in Slicer 5.10 and 5.12: ``saveStateForUndo``, ``undo``, ``setUndoEnabled``; the undo button's state is
+    ``Logic->CanUndo()``). The module widget is made on first use.
+    """
+
+    @staticmethod
+    def _editor():
+        return slicer.modules.segmenteditor.widgetRepresentation().self().editor
+
+    def GetSegmentationNode(self):
+        return self._editor().mrmlSegmentEditorNode().GetSegmentationNode()
+
+    def SetSegmentationNode(self, node) -> None:
+        self._editor().setSegmentationNode(node)
+
+    def GetSourceVolumeNode(self):
+        return self._editor().mrmlSegmentEditorNode().GetSourceVolumeNode()
+
+    def SetSourceVolumeNode(self, node) -> None:
+        self._editor().setSourceVolumeNode(node)
+
+    def SaveStateForUndo(self) -> None:
+        self._editor().saveStateForUndo()
+
+    def CanUndo(self) -> bool:
+        return slicer.util.findChild(self._editor(), "UndoButton").enabled
+
+    def Undo(self) -> None:
+        self._editor().undo()
+
+    def ClearUndoState(self) -> None:
+        editor = self._editor()
+        if editor.undoEnabled:  # setUndoEnabled(true) is the widget's way to clear its history
+            editor.setUndoEnabled(True)
 
 
 @contextlib.contextmanager

@@ -89,6 +89,7 @@ def test_results_equal_the_in_process_engine_and_a_second_run_reuses_the_encodin
     frames_before = client.info()["frames_encoded"]
     first = remote(client)
     np.testing.assert_array_equal(first.labels, expected.labels)
+    assert first.window == expected.window
     assert first.frames_encoded == expected.frames_encoded > 0
     assert client.info()["frames_encoded"] - frames_before == expected.frames_encoded
 

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 from golden import GOLDEN, golden_config, golden_model
-from test_slicer_logic import (
+from slicer_scene import (
     all_segments,
     assert_same_segments,
     load_ct,

@@ -1,21 +1,38 @@
-"""MedSAM2SlicerLib against a real MRML scene from the slicer-core wheel, with an oracle engine.
-
-The oracle engine paints each prompt at its own slice (box, mask, positive points), so the segment written
-back must cover exactly the voxels under the prompt: any error in geometry, axis choice or writing shows.
-"""
+"""MedSAM2SlicerLib against a real MRML scene from the slicer-core wheel, with an oracle engine
+(``slicer_scene.OracleEngine``: it paints each prompt at its own slice, so any error in geometry, axis choice
+or writing shows)."""
 
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicer
-import slicerio
 import vtk
+from slicer_scene import (
+    DATA,
+    REFERENCE_GEOMETRY,
+    SEGMENT_LOGIC,
+    OracleEngine,
+    add_points,
+    add_transform,
+    all_segments,
+    assert_same_segments,
+    load_ct,
+    load_segmentation,
+    make_volume,
+    new_logic,
+    node_to_world,
+    numpy_matrix,
+    painted,
+    segment_on_grid,
+    vtk_matrix,
+    world_grid,
+    world_of,
+)
 from vtk.util import numpy_support
 
 import medsam2
@@ -23,176 +40,10 @@ from medsam2.errors import Cancelled, InputError
 from MedSAM2SlicerLib import MaskSegment, SegmentationLogic, read_segment_mask, volume_geometry
 from MedSAM2SlicerLib.geometry import VolumeGeometry, volume_array
 
-DATA = Path(slicerio.__file__).parent / "data"
-SEGMENT_LOGIC = slicer.vtkSlicerSegmentationsModuleLogic
-REFERENCE_GEOMETRY = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
-
-
-# -- scene helpers (plain MRML / vtk, independent of the code under test) ------------------------------------
-
-
-def vtk_matrix(array):
-    matrix = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            matrix.SetElement(r, c, float(array[r][c]))
-    return matrix
-
-
-def numpy_matrix(matrix):
-    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
-
 
 @pytest.fixture
 def scene():
     return slicer.vtkMRMLScene()
-
-
-def load_ct(scene):
-    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CTChest4")
-    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
-    storage.SetFileName(str(DATA / "CTChest4.nrrd"))
-    assert storage.ReadData(volume)
-    return volume
-
-
-def load_segmentation(scene):
-    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Segmentation")
-    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
-    storage.SetFileName(str(DATA / "Segmentation.seg.nrrd"))
-    assert storage.ReadData(segmentation)
-    return segmentation
-
-
-def make_volume(scene, voxels, ijk_to_ras, name="volume"):
-    image = vtk.vtkImageData()
-    image.SetDimensions(voxels.shape[2], voxels.shape[1], voxels.shape[0])
-    image.GetPointData().SetScalars(
-        numpy_support.numpy_to_vtk(np.ascontiguousarray(voxels).ravel(), deep=True)
-    )
-    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-    volume.SetAndObserveImageData(image)
-    volume.SetIJKToRASMatrix(vtk_matrix(ijk_to_ras))
-    return volume
-
-
-def add_transform(scene, matrix, node):
-    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
-    transform.SetMatrixTransformToParent(vtk_matrix(matrix))
-    node.SetAndObserveTransformNodeID(transform.GetID())
-    return transform
-
-
-def world_of(volume, i, j, k):
-    """World RAS of voxel (i, j, k) through MRML's own matrices and transforms."""
-    ijk_to_ras = vtk.vtkMatrix4x4()
-    volume.GetIJKToRASMatrix(ijk_to_ras)
-    ras = ijk_to_ras.MultiplyPoint((i, j, k, 1.0))[:3]
-    to_world = vtk.vtkGeneralTransform()
-    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(volume.GetParentTransformNode(), None, to_world)
-    return np.array(to_world.TransformPoint(ras))
-
-
-def add_points(scene, volume, ijk_points, labels=None, name="points"):
-    node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
-    for n, ijk in enumerate(ijk_points):
-        node.AddControlPoint(vtk.vtkVector3d(*world_of(volume, *ijk)), labels[n] if labels else f"P-{n + 1}")
-    return node
-
-
-def node_to_world(node):
-    matrix = vtk.vtkMatrix4x4()
-    if node.GetParentTransformNode():
-        node.GetParentTransformNode().GetMatrixTransformToWorld(matrix)
-    return numpy_matrix(matrix)
-
-
-def world_grid(volume):
-    """The volume's IJK-to-world matrix, from MRML's own matrices."""
-    ijk_to_ras = vtk.vtkMatrix4x4()
-    volume.GetIJKToRASMatrix(ijk_to_ras)
-    return node_to_world(volume) @ numpy_matrix(ijk_to_ras)
-
-
-def segment_on_grid(segmentation, segment_id, volume):
-    """A segment as a [K, J, I] mask, read with Slicer's own API; checks it lies on the volume's world grid."""
-    image = slicer.vtkOrientedImageData()
-    assert SEGMENT_LOGIC.GetSegmentBinaryLabelmapRepresentation(segmentation, segment_id, image, True)
-    full = np.zeros(volume.GetImageData().GetDimensions()[::-1], dtype=bool)
-    x0, x1, y0, y1, z0, z1 = image.GetExtent()
-    if x1 >= x0:
-        matrix = vtk.vtkMatrix4x4()
-        image.GetImageToWorldMatrix(matrix)
-        np.testing.assert_allclose(numpy_matrix(matrix), world_grid(volume), atol=1e-6)
-        voxels = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
-        label = segmentation.GetSegmentation().GetSegment(segment_id).GetLabelValue()
-        full[z0 : z1 + 1, y0 : y1 + 1, x0 : x1 + 1] = (
-            voxels.reshape(z1 - z0 + 1, y1 - y0 + 1, x1 - x0 + 1) == label
-        )
-    return full
-
-
-def all_segments(segmentation, volume):
-    seg = segmentation.GetSegmentation()
-    ids = [seg.GetNthSegmentID(n) for n in range(seg.GetNumberOfSegments())]
-    return {sid: segment_on_grid(segmentation, sid, volume) for sid in ids}
-
-
-def assert_same_segments(before, after):
-    assert before.keys() == after.keys()
-    for sid in before:
-        assert before[sid].sum() == after[sid].sum() and np.array_equal(before[sid], after[sid]), sid
-
-
-class OracleEngine:
-    """Engine stand-in: paints every prompt's box, mask and positive points at its slice (inclusive box)."""
-
-    def __init__(self, cancel_after=None, scribble=False):
-        self.calls = []
-        self.cancel_after = cancel_after
-        self.scribble = scribble
-
-    def __call__(self, model, volume, prompts, spacing=None, progress=None, cancel=None, **options):
-        self.calls.append(
-            SimpleNamespace(model=model, prompts=list(prompts), spacing=spacing, options=options)
-        )
-        labels = np.zeros(volume.shape, dtype=np.uint8)
-        for n, prompt in enumerate(prompts):
-            if progress is not None:
-                progress(n + 1, len(prompts), f"prompt {n + 1}")
-            if self.cancel_after == n:
-                cancel.wait(5)
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("stopped")
-            image = np.moveaxis(labels, prompt.axis, 0)[prompt.index]
-            if prompt.box is not None:
-                x0, y0, x1, y1 = np.rint(prompt.box).astype(int)
-                image[y0 : y1 + 1, x0 : x1 + 1] = prompt.obj_id
-            if prompt.mask is not None:
-                image[prompt.mask] = prompt.obj_id
-            if prompt.points is not None:
-                for (x, y), positive in zip(prompt.points, prompt.labels, strict=True):
-                    if positive:
-                        image[int(round(y)), int(round(x))] = prompt.obj_id
-        if self.scribble:
-            volume[...] = 0
-        probabilities = {p.obj_id: (labels == p.obj_id).astype(np.float32) for p in prompts}
-        return SimpleNamespace(labels=labels, probabilities=probabilities, timings={})
-
-
-def painted(shape, axis, index, box=None, points=()):
-    """Expected [K, J, I] mask: an inclusive box (x0, y0, x1, y1) and points (x, y) on one slice."""
-    mask = np.zeros(shape, dtype=bool)
-    image = np.moveaxis(mask, axis, 0)[index]
-    if box is not None:
-        image[box[1] : box[3] + 1, box[0] : box[2] + 1] = True
-    for x, y in points:
-        image[y, x] = True
-    return mask
-
-
-def new_logic(engine=None):
-    return SegmentationLogic(model=SimpleNamespace(name="oracle"), engine=engine or OracleEngine())
 
 
 # -- geometry ------------------------------------------------------------------------------------------------
@@ -408,38 +259,6 @@ def test_other_segments_and_volume_voxels_are_untouched(scene):
     np.testing.assert_array_equal(volume_array(volume), voxels)
 
 
-def test_undo_restores_an_existing_segment_and_removes_a_new_one(scene):
-    volume = load_ct(scene)
-    segmentation = load_segmentation(scene)
-    before = all_segments(segmentation, volume)
-    tissue = segmentation.GetSegmentation().GetSegmentIdBySegmentName("tissue")
-    logic = new_logic()
-    prompt = medsam2.prompts.Prompt(axis=1, index=60, box=(10, 5, 50, 25))
-    assert logic.segment(volume, segmentation, [prompt], segment_id=tissue) == tissue
-    expected = painted((34, 128, 128), 1, 60, (10, 5, 50, 25))
-    np.testing.assert_array_equal(segment_on_grid(segmentation, tissue, volume), expected)
-    new_id = logic.segment(volume, segmentation, [prompt])
-    assert segmentation.GetSegmentation().GetNumberOfSegments() == 8
-    assert logic.undo() and logic.undo() and not logic.undo()
-    assert_same_segments(before, all_segments(segmentation, volume))
-    assert segmentation.GetSegmentation().GetSegment(new_id) is None
-
-
-def test_mrml_scene_undo_takes_the_write_back_when_enabled(scene):
-    volume = load_ct(scene)
-    segmentation = load_segmentation(scene)
-    before = all_segments(segmentation, volume)
-    scene.SetUndoOn()
-    segmentation.SetUndoEnabled(True)
-    lung = segmentation.GetSegmentation().GetSegmentIdBySegmentName("left lung")
-    new_logic().segment(
-        volume, segmentation, [medsam2.prompts.Prompt(axis=0, index=3, box=(1, 1, 9, 9))], lung
-    )
-    assert not np.array_equal(all_segments(segmentation, volume)[lung], before[lung])
-    scene.Undo()
-    assert_same_segments(before, all_segments(segmentation, volume))
-
-
 @pytest.mark.parametrize("failure", ["cancelled", "bad result", "write error"])
 def test_cancelled_or_failed_run_leaves_segmentations_unchanged(scene, failure, monkeypatch):
     volume = load_ct(scene)
@@ -470,7 +289,6 @@ def test_cancelled_or_failed_run_leaves_segmentations_unchanged(scene, failure, 
     assert loaded.GetSegmentation().GetConversionParameter(REFERENCE_GEOMETRY) == geometry_before
     assert empty.GetSegmentation().GetNumberOfSegments() == 0
     assert empty.GetSegmentation().GetConversionParameter(REFERENCE_GEOMETRY) == ""
-    assert not logic.undo()
 
 
 def test_correction_re_propagates_only_the_corrected_object(scene):
@@ -497,18 +315,29 @@ def test_correction_re_propagates_only_the_corrected_object(scene):
     image.SetImageToWorldMatrix(vtk_matrix(geometry.ijk_to_world))
     assert SEGMENT_LOGIC.SetBinaryLabelmapToSegment(image, segmentation, a, SEGMENT_LOGIC.MODE_REPLACE)
 
+    def reaching_further(model, volume, prompts, **kwargs):  # the propagation also finds A on slice 20
+        result = engine(model, volume, prompts, **kwargs)
+        result.labels[20, 30:61, 30:61] = 1
+        return result
+
+    logic.engine = reaching_further
     correction = logic.correct(volume, segmentation, a)
     assert (correction.segment_id, correction.axis, correction.slices) == (a, 0, [18])
     prompts = engine.calls[-1].prompts
     assert len(engine.calls) == 3 and [(p.axis, p.index) for p in prompts] == [(0, 15), (0, 18)]
     np.testing.assert_array_equal(prompts[0].box, first.box)
     np.testing.assert_array_equal(prompts[1].mask, edited[18])
-    np.testing.assert_array_equal(segment_on_grid(segmentation, a, volume), edited)
+    propagated = edited.copy()
+    propagated[20, 30:61, 30:61] = True
+    np.testing.assert_array_equal(segment_on_grid(segmentation, a, volume), propagated)
     np.testing.assert_array_equal(segment_on_grid(segmentation, b, volume), b_before)
     assert b_before.sum() == 21 * 21
-    # Undoing the correction also brings back the run it is compared with, so the edit is found again.
-    assert logic.undo()
+    # Undoing the correction shows the edit again, and the edit is compared with the run the undo went back
+    # to (the one the segment differs from least), so it is found again.
+    assert logic.undo(segmentation)
+    np.testing.assert_array_equal(segment_on_grid(segmentation, a, volume), edited)
     assert logic.correct(volume, segmentation, a).slices == [18]
+    logic.engine = engine
 
     # Slices can be named, e.g. for a segment drawn by hand, which has no earlier run.
     hand = logic.writer.write(segmentation, edited, geometry, segment_name="hand drawn")
@@ -544,7 +373,10 @@ def test_model_is_loaded_once_on_first_use_and_default_engine_is_looked_up(scene
     logic.segment(volume, segmentation, [prompt], threshold=0.5)
     assert loads == [("medsam2-lite", "cpu")]
     assert [c.model for c in engine.calls] == ["MODEL", "MODEL"]
-    assert engine.calls[0].options == {"orientations": 2}
+    assert engine.calls[0].options == {
+        "orientations": 2,
+        "modality": "ct",
+    }  # a CT with no display: CT default
 
 
 def test_threshold_cuts_the_probability_map(scene):

@@ -382,6 +382,9 @@ def panel_scene():
         aggregation="majority",
         memoryPolicy="recent",
         confidenceThreshold=0.7,
+        windowSource="lung",
+        windowLevel=40.0,
+        windowWidth=400.0,
     )
     return scene, p, view
 
@@ -411,6 +414,7 @@ def test_slice_of_a_view_and_the_view_decides_a_single_points_axis():
     options = panel.engine_options(p)
     assert (options["orientations"], options["aggregate"]) == (2, "majority")
     assert (options["memory"].policy, options["memory"].confidence_threshold) == ("recent", 0.7)
+    assert (options["modality"], options["window"]) == ("ct", "lung")
 
     p.inputVolume = None
     with pytest.raises(InputError, match="input volume"):

@@ -122,10 +122,16 @@ def fill_like_the_module(panel) -> None:
     panel.findChild(QtWidgets.QComboBox, "segmentSelector").addItem("CTChest MedSAM2: right lung")
     models = panel.findChild(QtWidgets.QComboBox, "modelComboBox")
     models.addItems(model_labels() + ["Local file..."])
-    for name in ("positivePointsPlaceWidget", "negativePointsPlaceWidget", "boxPlaceWidget"):
-        panel.findChild(QtWidgets.QToolButton, name).setText("Place")
-    for name in ("modelPathLabel", "modelPathLineEdit", "downloadProgressBar"):
+    # Before the first placement the module shows its Place buttons; the place widgets come with the nodes.
+    hidden = (
+        "positivePointsPlaceWidget",
+        "negativePointsPlaceWidget",
+        "boxPlaceWidget",
+        "windowCustomWidget",
+    )
+    for name in hidden + ("modelPathLabel", "modelPathLineEdit", "downloadProgressBar"):
         panel.findChild(QtWidgets.QWidget, name).hide()
+    panel.findChild(QtWidgets.QLabel, "windowDescriptionLabel").setText("level -500, width 1400")
     panel.findChild(QtWidgets.QLabel, "modelStatusLabel").setText("ready (Apache-2.0)")
 
 

@@ -1,6 +1,6 @@
-"""Slicer adapters for the MedSAM2 engine: MRML nodes <-> numpy, prompts from markups, segment writing, and
-the engine server that runs segmentations outside the Slicer process. Needs only what the ``slicer-core``
-wheel provides (MRML, vtk) and the ``medsam2`` engine.
+"""Slicer adapters for the MedSAM2 engine: MRML nodes <-> numpy, prompts from markups, the intensity window,
+segment writing as Segment Editor undo steps, and the engine server that runs segmentations outside the Slicer
+process. Needs only what the ``slicer-core`` wheel provides (MRML, vtk) and the ``medsam2`` engine.
 
 The names below are imported on first use, so that ``MedSAM2SlicerLib.dependencies`` (which installs PyTorch
 inside Slicer) can be imported before PyTorch is there.
@@ -18,6 +18,8 @@ _EXPORTS = {
     "VolumeGeometry": "geometry",
     "volume_array": "geometry",
     "volume_geometry": "geometry",
+    "EditorUndo": "history",
+    "OwnUndo": "history",
     "Correction": "logic",
     "Request": "logic",
     "SegmentationLogic": "logic",
@@ -27,12 +29,19 @@ _EXPORTS = {
     "SegmentWriter": "segment_writer",
     "ensure_converter_rules": "segments",
     "read_segment_mask": "segments",
+    "WindowSource": "window",
+    "window_options": "window",
 }
 
 __all__ = sorted(_EXPORTS)
 
 
+_SUBMODULES = {"history", "panel", "scene_nodes", "window"}
+
+
 def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return import_module(f".{name}", __name__)
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,9 +26,11 @@ from medsam2.prompts import Prompt
 
 from .engines import ServerEngine, ServerRun
 from .geometry import VolumeGeometry, volume_array, volume_geometry
+from .history import UNDO_STATES, OwnUndo
 from .prompts import prompts_from_nodes
 from .segment_writer import SegmentWriter
 from .segments import read_segment_mask
+from .window import WindowSource, window_options
 
 ProgressCallback = Callable[[int, int, str], None]
 
@@ -38,7 +40,9 @@ class Request:
     """Everything one engine run needs, copied out of the scene: no MRML access while it runs.
 
     ``kept_slices`` are slices along ``kept_axis`` (corrections drawn by the user) that the written result
-    takes verbatim from ``kept_masks``, whatever the engine said there.
+    takes verbatim from ``kept_masks``, whatever the engine said there. ``options`` hold plain values only
+    (strings, numbers, ``(level, width)`` pairs, ``MemoryOptions``), so that they can be sent to an engine
+    server.
     """
 
     volume: np.ndarray  # [K, J, I], a private copy
@@ -69,18 +73,35 @@ class Correction:
 
 @dataclass
 class _RunRecord:
-    """The last run written into a segment, to tell user edits apart and to re-use its prompts."""
+    """A run written into a segment, to tell user edits apart and to re-use its prompts."""
 
     volume_node_id: str
     prompts: list[Prompt]
     options: dict
     threshold: float | None
-    written: np.ndarray  # np.packbits of the written [K, J, I] mask
     shape: tuple[int, int, int]
+    box: tuple[slice, ...]  # the written mask's bounding box (empty slices for an empty mask)
+    written: np.ndarray  # np.packbits of the written mask inside ``box``
+
+    @classmethod
+    def of(cls, request: Request, mask: np.ndarray) -> _RunRecord:
+        found = np.nonzero(mask)
+        box = tuple(slice(int(a.min()), int(a.max()) + 1) if a.size else slice(0, 0) for a in found)
+        return cls(
+            request.volume_node_id,
+            list(request.prompts),
+            request.options,
+            request.threshold,
+            tuple(mask.shape),
+            box,
+            np.packbits(mask[box].ravel()),
+        )
 
     def written_mask(self) -> np.ndarray:
-        count = int(np.prod(self.shape))
-        return np.unpackbits(self.written, count=count).astype(bool).reshape(self.shape)
+        full = np.zeros(self.shape, dtype=bool)
+        inside = full[self.box]
+        inside[...] = np.unpackbits(self.written, count=inside.size).astype(bool).reshape(inside.shape)
+        return full
 
 
 class SegmentationLogic:
@@ -90,7 +111,8 @@ class SegmentationLogic:
     an already loaded model. ``engine`` is where runs go: a :class:`~MedSAM2SlicerLib.engines.ServerEngine`
     (what the Slicer module uses; it loads the model named by ``model`` itself), or a callable with the
     signature of ``medsam2.segment_volume`` run in this process (default ``medsam2.segment_volume``, looked up
-    at call time; for scripts and tests).
+    at call time; for scripts and tests). ``history`` is where each write is saved as an undo step
+    (:mod:`MedSAM2SlicerLib.history`): inside Slicer the Segment Editor's, else a history of its own.
     """
 
     def __init__(
@@ -98,15 +120,17 @@ class SegmentationLogic:
         model="medsam2-lite",
         device: str = "auto",
         engine: Callable | None = None,
-        undo_levels: int = 10,
+        history=None,
     ) -> None:
         self.model = model
         self.device = device
         self.engine = engine
-        self.writer = SegmentWriter(undo_levels)
+        self.writer = SegmentWriter(history if history is not None else OwnUndo())
         self._loaded_model = None if isinstance(model, str) or hasattr(model, "__fspath__") else model
         self._model_lock = threading.Lock()
-        self._runs: dict[tuple[str, str], _RunRecord] = {}
+        # Runs written into each segment, newest last: an undo (here or in the Segment Editor) may bring an
+        # earlier one back, so corrections are compared with the one the segment is closest to.
+        self._runs: dict[tuple[str, str], list[_RunRecord]] = {}
 
     # -- prompts --------------------------------------------------------------------------------------------
 
@@ -159,7 +183,11 @@ class SegmentationLogic:
         options: dict | None = None,
         threshold: float | None = None,
     ) -> Request:
-        """Copy what a run needs out of the scene (GUI thread)."""
+        """Copy what a run needs out of the scene (GUI thread).
+
+        Without ``window`` and ``modality`` in ``options``, the model sees the volume as Slicer shows it: a CT
+        through its display node's window (:func:`~MedSAM2SlicerLib.window.window_options`).
+        """
         prompts = list(prompts)
         if not prompts:
             raise InputError("No prompts: place points, an ROI or choose a mask segment first")
@@ -174,11 +202,14 @@ class SegmentationLogic:
         geometry = volume_geometry(volume_node)
         for prompt in prompts:
             prompt.check_fits(geometry.shape)
+        options = dict(options or {})
+        if "window" not in options and "modality" not in options:
+            options.update(window_options(volume_node, WindowSource.VIEW))
         return Request(
             volume=volume_array(volume_node),
             geometry=geometry,
             prompts=prompts,
-            options=dict(options or {}),
+            options=options,
             segmentation_node=segmentation_node,
             segment_id=segment_id,
             volume_node_id=volume_node.GetID(),
@@ -221,23 +252,23 @@ class SegmentationLogic:
         mask = object_mask(result, request.obj_id, request.geometry.shape, request.threshold)
         for index, kept in zip(request.kept_slices, request.kept_masks, strict=True):
             _put_slice(mask, request.kept_axis, index, kept)
-        # Undoing this write also forgets its run record, so later edits are compared with what is shown.
-        runs_before = dict(self._runs)
+        node = request.segmentation_node
+        existed = (
+            bool(request.segment_id) and node.GetSegmentation().GetSegment(request.segment_id) is not None
+        )
+        scene = node.GetScene()
         segment_id = self.writer.write(
-            request.segmentation_node,
+            node,
             mask,
             request.geometry,
             request.segment_id,
-            on_undo=lambda: setattr(self, "_runs", runs_before),
+            volume_node=scene.GetNodeByID(request.volume_node_id) if scene is not None else None,
         )
-        self._runs[(request.segmentation_node.GetID(), segment_id)] = _RunRecord(
-            request.volume_node_id,
-            list(request.prompts),
-            request.options,
-            request.threshold,
-            np.packbits(mask.ravel()),
-            request.geometry.shape,
-        )
+        runs = self._runs.setdefault((node.GetID(), segment_id), [])
+        if not existed:
+            runs.clear()  # a segment removed earlier may have had this ID
+        runs.append(_RunRecord.of(request, mask))
+        del runs[:-UNDO_STATES]  # older runs than the history can bring back
         return segment_id
 
     def set_model(self, model, device: str = "auto") -> None:
@@ -266,9 +297,12 @@ class SegmentationLogic:
                 self._loaded_model = medsam2.load_model(self.model, device=self.device)
             return self._loaded_model
 
-    def undo(self) -> bool:
-        """Take back the latest write into a segment; False when there is nothing to undo."""
-        return self.writer.undo()
+    def can_undo(self, segmentation_node) -> bool:
+        return self.writer.can_undo(segmentation_node)
+
+    def undo(self, segmentation_node) -> bool:
+        """Undo the latest step of the segmentation's history (a MedSAM2 write or an edit made after it)."""
+        return self.writer.undo(segmentation_node)
 
     # -- corrections ----------------------------------------------------------------------------------------
 
@@ -308,15 +342,14 @@ class SegmentationLogic:
         last run on other slices are kept, so the first clicks still count. The corrected slices are written
         back exactly as drawn. ``slices`` (along ``axis``, default the last run's prompt axis) can be given;
         when None they are found by comparing the segment with what the last run wrote, along the axis
-        where the edits touch the fewest slices.
+        where the edits touch the fewest slices. "The last run" is the run on this volume whose result the
+        segment differs from least (the newest of equals): after an undo that is the run the undo went back to.
         """
         geometry = volume_geometry(volume_node)
         current = read_segment_mask(segmentation_node, segment_id, geometry)
-        record = self._runs.get((segmentation_node.GetID(), segment_id))
-        if record is not None and (
-            record.volume_node_id != volume_node.GetID() or record.shape != geometry.shape
-        ):
-            record = None  # segmented on another volume: its prompts do not apply here
+        record = _closest_run(
+            self._runs.get((segmentation_node.GetID(), segment_id), []), current, volume_node.GetID()
+        )
         first_axis = record.prompts[0].axis if record else geometry.view_axis("axial")
         if slices is None:
             if record is None:
@@ -379,6 +412,16 @@ def object_mask(
             f"The engine returned probabilities of shape {probabilities.shape}, expected {shape}"
         )
     return probabilities >= threshold
+
+
+def _closest_run(runs: list[_RunRecord], current: np.ndarray, volume_node_id: str) -> _RunRecord | None:
+    """The run on ``volume_node_id`` whose written mask differs from ``current`` in the fewest voxels."""
+    candidates = [r for r in runs if r.volume_node_id == volume_node_id and r.shape == current.shape]
+    if not candidates:
+        return None  # none, or segmented on another volume: its prompts do not apply here
+    differences = [int(np.count_nonzero(r.written_mask() != current)) for r in candidates]
+    best = min(differences)
+    return candidates[max(i for i, d in enumerate(differences) if d == best)]
 
 
 def _put_slice(volume: np.ndarray, axis: int, index: int, image: np.ndarray) -> None:

@@ -2,7 +2,8 @@
 
 ``p`` is the module's parameter node (any object with its fields: ``inputVolume``, ``segmentation``,
 ``segmentID``, ``positivePoints``, ``negativePoints``, ``box``, ``promptViewNodeID``, ``maskSegmentID``,
-``maskAxis``, ``maskSlice``, ``orientations``, ``aggregation``, ``memoryPolicy``, ``confidenceThreshold``).
+``maskAxis``, ``maskSlice``, ``orientations``, ``aggregation``, ``memoryPolicy``, ``confidenceThreshold``,
+``windowSource``, ``windowLevel``, ``windowWidth``).
 The slice view a prompt was placed in decides its axis when the markups alone leave it open (one point lies
 on a slice along every axis).
 """
@@ -15,6 +16,7 @@ from medsam2.prompts import Prompt
 
 from .geometry import matrix_to_numpy, nearest_index, volume_geometry
 from .prompts import MaskSegment, mask_prompt, prompts_from_nodes
+from .window import describe, window_options
 
 
 def slice_of(volume_node, slice_node) -> tuple[int, int]:
@@ -72,6 +74,21 @@ def panel_prompts(p) -> list[Prompt]:
 
 
 def engine_options(p) -> dict:
-    """Keyword arguments of ``medsam2.segment_volume`` from the panel's options."""
+    """Keyword arguments of ``medsam2.segment_volume`` from the panel's options, the intensity window
+    included (:mod:`MedSAM2SlicerLib.window`): plain values, so they can be sent to an engine server."""
+    if not p.inputVolume:
+        raise InputError("Select an input volume")
     memory = MemoryOptions(policy=p.memoryPolicy, confidence_threshold=p.confidenceThreshold)
-    return {"orientations": p.orientations, "aggregate": p.aggregation, "memory": memory}
+    return {
+        "orientations": p.orientations,
+        "aggregate": p.aggregation,
+        "memory": memory,
+        **window_options(p.inputVolume, p.windowSource, p.windowLevel, p.windowWidth),
+    }
+
+
+def window_description(p) -> str:
+    """What the model will see of the input volume, for the panel."""
+    if not p.inputVolume:
+        return "no input volume"
+    return describe(window_options(p.inputVolume, p.windowSource, p.windowLevel, p.windowWidth))

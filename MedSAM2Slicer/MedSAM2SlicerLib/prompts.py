@@ -8,9 +8,13 @@ Conventions:
   ``"-"``; every other point is positive. All points of ``negative_points_node`` are negative.
 - The ROI is cut by the slice through its centre; the box covers the voxels whose centres lie inside it:
   ``(x0, y0, x1, y1)`` are the first and last column and row covered.
-- When ``slice_axis`` is not given: the mask segment's axis if there is one; else among the axes along which
-  all points fall on one slice, the one where the ROI is thinnest (an ROI drawn in a slice view is flat
-  along its normal), or else the first of the axial, coronal and sagittal views.
+- ``slice_axis`` is the view the prompt was drawn in; the panel passes it. When it is not given (a script):
+  the mask segment's axis if there is one; else, among the axes along which all points fall on one slice,
+  the one along which the ROI is thinnest in mm, or else the first of the axial, coronal and sagittal views
+  (also between equally thin sides). That guess can be wrong for an ROI drawn in a slice view: Slicer makes
+  it as thick as its shortest in-plane side (``vtkMRMLMarkupsROINode::UpdateBoxROIFromControlPoints``,
+  ``Libs/MRML/Core``), so a box drawn in the coronal view that is lower than it is wide is as thin along
+  the axial axis as along its normal. Pass ``slice_axis`` whenever the view is known.
 """
 
 from __future__ import annotations
@@ -90,10 +94,11 @@ def choose_axis(geometry: VolumeGeometry, points: list[ControlPoint], corners: n
             + "; ".join(_describe_slices(points, axis, geometry) for axis in range(3))
             + ". Put all points on one slice, or say which with slice_axis."
         )
-    if corners is not None:
-        extent = corners.max(axis=0) - corners.min(axis=0)
-        return min(candidates, key=lambda axis: extent[axis])
     views = [geometry.view_axis(view) for view in ("axial", "coronal", "sagittal")]
+    if corners is not None:
+        extent_mm = (corners.max(axis=0) - corners.min(axis=0)) * np.asarray(geometry.spacing)
+        thinnest = min(extent_mm[axis] for axis in candidates)
+        candidates = [axis for axis in candidates if extent_mm[axis] <= thinnest * (1 + 1e-6)]
     return min(candidates, key=views.index)
 
 

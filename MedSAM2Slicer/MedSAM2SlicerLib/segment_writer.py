@@ -1,8 +1,7 @@
-"""Writing a ``[K, J, I]`` result into one segment, with a way back."""
+"""Writing a ``[K, J, I]`` result into one segment, as one step of the segmentation's undo history."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,6 +10,7 @@ import slicer
 from medsam2.errors import InputError
 
 from .geometry import VolumeGeometry, numpy_to_matrix
+from .scene_nodes import unused_segment_name
 from .segments import ensure_converter_rules, image_voxels, oriented_image, segment_labelmap, segment_to_local
 
 _REFERENCE_GEOMETRY = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
@@ -19,13 +19,12 @@ _BINARY_LABELMAP = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentati
 
 @dataclass
 class SegmentSnapshot:
-    """How one segment looked before a write: enough to put it back."""
+    """How one segment looked before a write: enough to put it back if the write fails half-way."""
 
     segmentation_node: object
     segment_id: str
     existed: bool
     labelmap: slicer.vtkOrientedImageData | None = None  # 0/1, segmentation node coordinates
-    on_undo: Callable[[], None] | None = None
 
     @classmethod
     def take(cls, segmentation_node, segment_id: str) -> SegmentSnapshot:
@@ -47,20 +46,15 @@ class SegmentSnapshot:
 
 
 class SegmentWriter:
-    """Writes masks into segments of segmentation nodes and keeps the previous states for ``undo()``.
+    """Writes masks into segments of segmentation nodes, each write one step of ``history``.
 
+    ``history`` is an :class:`~MedSAM2SlicerLib.history.EditorUndo` or :class:`~MedSAM2SlicerLib.history.OwnUndo`.
     Only the target segment changes: other segments keep their voxels (Slicer moves an overlapping segment
-    out of a shared labelmap layer rather than cutting it). When the scene has MRML undo switched on, a scene
-    undo state is saved as well, so Slicer's Edit > Undo also takes the write back.
+    out of a shared labelmap layer rather than cutting it).
     """
 
-    def __init__(self, undo_levels: int = 10) -> None:
-        self.undo_levels = undo_levels
-        self._history: list[SegmentSnapshot] = []
-
-    @property
-    def can_undo(self) -> bool:
-        return bool(self._history)
+    def __init__(self, history) -> None:
+        self.history = history
 
     def write(
         self,
@@ -69,13 +63,14 @@ class SegmentWriter:
         geometry: VolumeGeometry,
         segment_id: str | None = None,
         segment_name: str | None = None,
-        on_undo: Callable[[], None] | None = None,
+        volume_node=None,
     ) -> str:
         """Put ``mask`` (``[K, J, I]`` on ``geometry``'s grid) into a segment; returns the segment's ID.
 
         A new segment is made when ``segment_id`` is None or names no segment yet. The segmentation's
-        reference geometry is taken from the volume when it has none. If anything fails the segment is
-        restored to what it was. ``on_undo`` is called when ``undo()`` takes this write back.
+        reference geometry is taken from the volume when it has none. A state is saved in the history first,
+        so one undo takes the write back (a new segment is removed). If anything fails the segment is
+        restored at once. ``volume_node`` becomes the Segment Editor's source volume if it has none.
         """
         mask = np.asarray(mask)
         if mask.shape != geometry.shape:
@@ -90,9 +85,7 @@ class SegmentWriter:
             )
         reference_geometry = segmentation.GetConversionParameter(_REFERENCE_GEOMETRY)
         snapshot = SegmentSnapshot.take(segmentation_node, segment_id) if segment_id else None
-        scene = segmentation_node.GetScene()
-        if scene is not None and scene.GetUndoFlag():
-            scene.SaveStateForUndo()
+        self.history.save_state(segmentation_node, volume_node)
         try:
             if not reference_geometry:
                 segmentation.SetConversionParameter(
@@ -100,7 +93,7 @@ class SegmentWriter:
                 )
             if snapshot is None or not snapshot.existed:
                 segment_id = segmentation.AddEmptySegment(
-                    segment_id or "", segment_name or _new_name(segmentation)
+                    segment_id or "", segment_name or unused_segment_name(segmentation)
                 )
                 if not segment_id:
                     raise RuntimeError(f"Could not add a segment to '{segmentation_node.GetName()}'")
@@ -114,20 +107,14 @@ class SegmentWriter:
             finally:
                 segmentation.SetConversionParameter(_REFERENCE_GEOMETRY, reference_geometry)
             raise
-        snapshot.on_undo = on_undo
-        self._history.append(snapshot)
-        del self._history[: -self.undo_levels]
         return segment_id
 
-    def undo(self) -> bool:
-        """Restore the segment changed by the latest write; False when there is nothing to undo."""
-        if not self._history:
-            return False
-        snapshot = self._history.pop()
-        snapshot.restore()
-        if snapshot.on_undo is not None:
-            snapshot.on_undo()
-        return True
+    def can_undo(self, segmentation_node) -> bool:
+        return segmentation_node is not None and self.history.can_undo(segmentation_node)
+
+    def undo(self, segmentation_node) -> bool:
+        """Take back the latest step of the segmentation's history; False when there is nothing to undo."""
+        return segmentation_node is not None and self.history.undo(segmentation_node)
 
 
 def _replace_labelmap(segmentation_node, segment_id: str, labelmap) -> None:
@@ -138,15 +125,6 @@ def _replace_labelmap(segmentation_node, segment_id: str, labelmap) -> None:
         ok = logic.SetBinaryLabelmapToSegment(labelmap, segmentation_node, segment_id, logic.MODE_REPLACE)
     if not ok:
         raise RuntimeError(f"Could not write segment '{segment_id}' of '{segmentation_node.GetName()}'")
-
-
-def _new_name(segmentation) -> str:
-    names = {segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())}
-    name, n = "MedSAM2", 1
-    while name in names:
-        n += 1
-        name = f"MedSAM2 {n}"
-    return name
 
 
 def _serialized_grid(segmentation_node, geometry: VolumeGeometry) -> str:

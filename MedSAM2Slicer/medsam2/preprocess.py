@@ -47,6 +47,15 @@ def prepare_intensities(
     99.5 percentiles, computed over the non-zero voxels when more than 30 % of the voxels are zero.
     The input is never modified.
     """
+    return windowed_intensities(volume, modality, window)[0]
+
+
+def windowed_intensities(
+    volume: np.ndarray,
+    modality: str = "auto",
+    window: str | tuple[float, float] | None = None,
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """:func:`prepare_intensities` and the ``(level, width)`` it clipped to (the percentiles' range included)."""
     values = _checked(volume)
     if modality not in MODALITIES:
         raise InputError(f"Unknown modality {modality!r}: expected one of {', '.join(MODALITIES)}")
@@ -61,7 +70,7 @@ def prepare_intensities(
     np.clip(scaled, low, high, out=scaled)
     scaled -= np.float32(low)
     scaled /= np.float32(high - low)
-    return scaled
+    return scaled, ((low + high) / 2.0, high - low)
 
 
 def guess_modality(volume: np.ndarray) -> str:

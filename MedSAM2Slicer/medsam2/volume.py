@@ -31,7 +31,7 @@ from .errors import Cancelled, InputError
 from .feature_cache import FeatureCache
 from .memory import MemoryOptions
 from .model.sam2 import SAM2Model
-from .preprocess import prepare_intensities
+from .preprocess import windowed_intensities
 from .prompts import Prompt
 from .session import Session
 from .upstream import segment_volume_upstream
@@ -68,6 +68,7 @@ class VolumeResult:
     frames_visited: dict[str, int] = field(default_factory=dict)
     frames_encoded: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    window: tuple[float, float] | None = None
 
 
 class _Votes:
@@ -186,10 +187,10 @@ def segment_volume(
     if spacing is not None:
         spacing = _checked_spacing(spacing)
     memory = memory or MemoryOptions()
-    intensities = prepare_intensities(volume, modality=modality, window=window)
+    intensities, window_used = windowed_intensities(volume, modality=modality, window=window)
     obj_ids = sorted({p.obj_id for p in prompts})
     votes = _Votes(volume.shape, obj_ids, aggregation)
-    result = VolumeResult(np.zeros(volume.shape, np.uint8), {})
+    result = VolumeResult(np.zeros(volume.shape, np.uint8), {}, window=window_used)
     result.timings["prepare"] = time.perf_counter() - started
     runner = _PassRunner(model, intensities, memory, seed, votes, result, progress, cancel, early_stop)
     if feature_cache is not None:

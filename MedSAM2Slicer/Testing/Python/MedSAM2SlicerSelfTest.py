@@ -1,10 +1,14 @@
 """The MedSAM2 module's workflow, run inside Slicer through its panel on a real CT.
 
 Run with ``slicer.selfTests['MedSAM2Slicer']()`` (the module's test class loads this file) or, in a build
-tree, through ctest. Steps: load a chest CT; place a box ROI on an axial slice around the right lung; segment
-with the default model ``medsam2-lite``; check the segment lies on the volume's grid (and, with the real
-weights, that it is there and inside the box); redraw one slice and propagate the correction, which must keep
-the redrawn slice; start a run and cancel it, which must leave the segment unchanged.
+tree, through ctest. Steps: load a chest CT and show it in Slicer's CT-Lung window; place a box ROI on an
+axial slice around the right lung; segment with the default model ``medsam2-lite``, which must see the lung
+window; undo with the panel, which must remove the new segment and leave none selected; segment again; check
+the segment lies on the volume's grid (and, with the real weights, that it is there and inside the box);
+redraw one slice as a Segment Editor effect does and propagate the correction, which must keep the redrawn
+slice; undo twice, which must take back the correction and then the redrawing, in order; start a run and
+cancel it, which must leave the segment unchanged. Every run goes through the local engine server that the
+module starts as its child process.
 
 Where the medsam2-lite weights are not available offline, a random-weight medsam2-lite file is written into a
 temporary models folder and used instead (the log says so): every step still runs, but what the random
@@ -19,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import qt
 import slicer
 import vtk
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleTest
@@ -44,6 +49,8 @@ class MedSAM2SlicerSelfTest(ScriptedLoadableModuleTest):
 
         dependencies.ensure()  # in testing mode Slicer's dialogs answer OK by themselves
         volume = self.loadChestCT()
+        volume.GetDisplayNode().AutoWindowLevelOff()
+        volume.GetDisplayNode().SetWindowLevel(1400.0, -500.0)  # Slicer's CT-Lung preset
         slicer.util.selectModule("MedSAM2Slicer")
         widget = slicer.util.getModuleWidget("MedSAM2Slicer")
         segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "MedSAM2 self-test")
@@ -52,6 +59,9 @@ class MedSAM2SlicerSelfTest(ScriptedLoadableModuleTest):
         p.inputVolume, p.segmentation, p.segmentID = volume, segmentation, ""
         p.modelName, p.device, p.orientations = "medsam2-lite", "auto", 1
         widget.logic.clearPrompts(p)
+        from MedSAM2SlicerLib import scene_nodes
+
+        scene_nodes.prompt_node(p, "box", slicer.mrmlScene)  # as the Place button makes it
         p.box.SetCenter(*BOX_CENTER)
         p.box.SetSize(*BOX_SIZE)
         p.promptViewNodeID = "vtkMRMLSliceNodeRed"  # placed in the axial view
@@ -59,6 +69,12 @@ class MedSAM2SlicerSelfTest(ScriptedLoadableModuleTest):
 
         with self.defaultModelWeights(widget.logic) as realWeights:
             self.delayDisplay(f"Segmenting from a box on axial slice {promptSlice}")
+            self.clickAndWait(widget, widget.ui.applyButton, "Segmented")
+            self.assertIn("level -500, width 1400", widget.ui.windowDescriptionLabel.text)
+            created = p.segmentID
+            widget.ui.undoButton.click()  # the Segment Editor's undo: the new segment goes, none is selected
+            self.assertIsNone(segmentation.GetSegmentation().GetSegment(created))
+            self.assertEqual(p.segmentID, "")
             self.clickAndWait(widget, widget.ui.applyButton, "Segmented")
             segmentID = p.segmentID
             self.assertTrue(segmentID, widget.ui.statusLabel.text)
@@ -77,11 +93,27 @@ class MedSAM2SlicerSelfTest(ScriptedLoadableModuleTest):
             edited = mask.astype(np.uint8)
             correctedSlice = min(promptSlice + 2, mask.shape[0] - 1)
             edited[correctedSlice] = self.disk(volume, BOX_CENTER, radiusMm=20.0, shape=mask.shape[1:])
+            editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+            self.assertIs(editor.mrmlSegmentEditorNode().GetSegmentationNode(), segmentation)
+            editor.saveStateForUndo()  # as an effect does before it paints
             slicer.util.updateSegmentBinaryLabelmapFromArray(edited, segmentation, segmentID, volume)
             self.clickAndWait(widget, widget.ui.propagateCorrectionsButton, "Corrections propagated")
             corrected = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentID, volume)
             np.testing.assert_array_equal(corrected[correctedSlice], edited[correctedSlice])
             self.assertEqual(p.segmentID, segmentID)
+
+            self.delayDisplay("Undoing the correction, then the redrawing")
+            widget.ui.undoButton.click()
+            current = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentID, volume)
+            np.testing.assert_array_equal(current, edited)
+            editor.undo()  # Ctrl+Z in the Segment Editor: the same history
+            current = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentID, volume)
+            np.testing.assert_array_equal(current, mask)
+            editor.redo()
+            editor.redo()
+            np.testing.assert_array_equal(
+                slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentID, volume), corrected
+            )
 
             self.delayDisplay("Starting a run and cancelling it")
             widget.ui.applyButton.click()
@@ -147,10 +179,10 @@ class MedSAM2SlicerSelfTest(ScriptedLoadableModuleTest):
             )
             os.environ[models.CACHE_ENV] = folder
             try:
-                logic.unloadModel()
+                logic.shutdownEngine()  # the engine server reads the models folder when it starts
                 yield False
             finally:
-                logic.unloadModel()  # the random model must not outlive the test
+                logic.shutdownEngine()  # the random model must not outlive the test
                 if previous is None:
                     os.environ.pop(models.CACHE_ENV, None)
                 else:
@@ -167,13 +199,16 @@ class MedSAM2SlicerSelfTest(ScriptedLoadableModuleTest):
         )
 
     def waitForRun(self, widget) -> None:
+        """Let Slicer's own event loop run until the panel's run ends. The engine works in its server process;
+        the panel's QTimer polls it. No ``time.sleep``: it would release the GIL, which Slicer's event loop
+        never does, and so hide what a user's Slicer does (see MedSAM2SlicerLib/engines.py)."""
         deadline = time.time() + RUN_TIMEOUT_S
         while widget.busy:
             if time.time() > deadline:
                 widget.ui.applyButton.click()
                 self.fail(f"The run did not finish within {RUN_TIMEOUT_S} s")
-            slicer.app.processEvents()
-            time.sleep(0.02)
+            # Blocks in Qt until an event comes: at the latest the panel's 100 ms poll timer.
+            slicer.app.processEvents(qt.QEventLoop.AllEvents | qt.QEventLoop.WaitForMoreEvents)
         slicer.app.processEvents()
 
     def rasToIJK(self, volume, ras) -> np.ndarray:

@@ -338,6 +338,7 @@ def decode_volume_result(result: dict):
         frames_visited=result.get("frames_visited", {}),
         frames_encoded=result.get("frames_encoded", 0),
         timings=result.get("timings", {}),
+        window=None if result.get("window") is None else tuple(result["window"]),
     )
 
 

@@ -254,6 +254,7 @@ def encode_volume_result(result: VolumeResult, with_probabilities: bool) -> dict
         "frames_encoded": result.frames_encoded,
         "frames_visited": result.frames_visited,
         "timings": result.timings,
+        "window": None if result.window is None else list(result.window),
     }
     if with_probabilities:
         encoded["probabilities"] = {str(k): encode_array(v) for k, v in result.probabilities.items()}
