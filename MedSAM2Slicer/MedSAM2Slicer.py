@@ -47,6 +47,7 @@ DEFAULT_MODEL = "medsam2-lite"
 LOCAL_FILE = "<local file>"  # the model combo's entry for a checkpoint chosen on disk
 DEVICES = ["auto", "cuda", "cpu", "mps"]
 LOCAL_ENGINE, REMOTE_ENGINE = "this computer", "server"
+PROPOSED_MODEL_SETTING = "MedSAM2/proposedModel"  # the model proposed once for this computer
 POLL_INTERVAL_MS = 100
 # Segment Editor takes single letters, digits and Ctrl+Z/Ctrl+Y; Slicer's menus take Ctrl+<letter> (Ctrl+S
 # saves). Ctrl+Shift+<letter> is free in both; S is avoided because Ctrl+Shift+S means "save as" on many
@@ -139,12 +140,13 @@ class MedSAM2SlicerParameterNode:
     maskSlice: int = -1
     modelName: str = DEFAULT_MODEL
     modelPath: str = ""
+    modelImageSize: str = ""
     device: Annotated[str, Choice(DEVICES)] = "auto"
     orientations: Annotated[int, Choice([6, 2, 1])] = 6
     aggregation: Annotated[str, Choice(["confidence", "mean", "majority"])] = "confidence"
     memoryPolicy: Annotated[str, Choice(["self-sorting", "recent"])] = "self-sorting"
     confidenceThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
-    engine: Annotated[str, Choice([LOCAL_ENGINE, REMOTE_ENGINE])] = LOCAL_ENGINE
+    engine: Annotated[str, Choice(["this computer", "server"])] = "this computer"  # LOCAL_ENGINE, REMOTE_ENGINE
     serverUrl: str = ""
     windowSource: Annotated[str, Choice(WINDOW_CHOICES)] = "view"
     windowLevel: float = 40.0
@@ -174,6 +176,8 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._displayObserved = None  # the input volume's display node: its window is what the model gets
         self._shortcuts = []
         self._cpuNoteShown = False
+        self._localFileStatus = ((None, None), "")  # ((path, image size), status line) of a local file
+        self._downloadsConfirmed = set()  # registry models the user agreed to download in this session
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
         self._timer.timeout.connect(self._poll)
@@ -319,7 +323,13 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._observeDisplay(p.inputVolume.GetDisplayNode() if p.inputVolume else None)
         self.ui.windowCustomWidget.visible = p.windowSource == "custom"
         localFile = p.modelName == LOCAL_FILE
-        self.ui.modelPathLabel.visible = self.ui.modelPathLineEdit.visible = localFile
+        for widget in (
+            self.ui.modelPathLabel,
+            self.ui.modelPathLineEdit,
+            self.ui.modelImageSizeLabel,
+            self.ui.modelImageSizeLineEdit,
+        ):
+            widget.visible = localFile
         remote = p.engine == REMOTE_ENGINE
         for widget in (
             self.ui.serverUrlLabel,
@@ -329,7 +339,7 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ):
             widget.visible = remote
         self.ui.engineStatusLabel.text = self.logic.engineDescription(p)
-        self.ui.modelStatusLabel.text = model_choice().status(p.modelName, p.modelPath)
+        self.ui.modelStatusLabel.text = self._modelStatus(p)
         if model_choice().engine_importable():  # no mask prompt can be set before
             self.ui.maskPromptLabel.text = panel().mask_description(p)
             self._showWindow()
@@ -408,20 +418,71 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             combo.addItem(_("Local file..."), LOCAL_FILE)
         self._updateGUI()
 
+    def _modelStatus(self, p) -> str:
+        """The model's status line; for a local file, computed when the file or its image size changes (the
+        file is recognised by its sha256, which takes about a second per 150 MB)."""
+        if p.modelName != LOCAL_FILE:
+            return model_choice().status(p.modelName, p.modelPath)
+        key = (p.modelPath, p.modelImageSize)
+        if self._localFileStatus[0] != key:
+            try:
+                size = model_choice().parse_image_size(p.modelImageSize)
+                text = model_choice().local_file_status(p.modelPath, size)
+            except ValueError as error:
+                text = str(error)
+            self._localFileStatus = (key, text)
+        return self._localFileStatus[1]
+
     def _ensureDependencies(self) -> None:
-        """Install what is missing (asks first), then warn once when no GPU is there (GUI thread)."""
+        """Install what is missing (asks first), propose the model for this computer once, then warn once when
+        no GPU is there (GUI thread)."""
         from MedSAM2SlicerLib import dependencies
 
         missing = dependencies.missing_requirements() or not dependencies.torch_available()
         torch = dependencies.ensure()
         if missing:
             self._fillModelList()
+        self._proposeModel(torch)
         note = dependencies.device_note(torch, self._parameterNode.device)
         if note and not self._cpuNoteShown:
             self._cpuNoteShown = True
             logging.warning(note)
             slicer.util.showStatusMessage(note, 10000)
             self.ui.statusLabel.text = note
+
+    def _proposeModel(self, torch) -> None:
+        """Once per Slicer installation: with a CUDA GPU on this computer, offer MedSAM2's recommended model
+        (its size and licence shown) instead of the offline default; without one, keep the default."""
+        p = self._parameterNode
+        settings = qt.QSettings()
+        if p.engine != LOCAL_ENGINE or p.modelName != DEFAULT_MODEL or settings.value(PROPOSED_MODEL_SETTING):
+            return
+        proposed = model_choice().proposed_model(bool(torch.cuda.is_available()))
+        settings.setValue(PROPOSED_MODEL_SETTING, proposed)
+        if proposed == DEFAULT_MODEL:
+            return
+        question = _(
+            "A CUDA GPU is available. Use {name}, MedSAM2's recommended model, instead of the offline default "
+            "{default}?\n\n{details}"
+        ).format(
+            name=proposed, default=DEFAULT_MODEL, details=model_choice().download_question(proposed) or ""
+        )
+        if slicer.util.confirmYesNoDisplay(question, windowTitle=_("MedSAM2 model")):
+            p.modelName = proposed
+            self._downloadsConfirmed.add(proposed)
+
+    def _confirmDownload(self) -> bool:
+        """Ask once before a model is downloaded, showing its size, licence and source; True to go on. A
+        remote server downloads what its clients ask for, as its administrator set it up."""
+        p = self._parameterNode
+        question = model_choice().download_question(p.modelName)
+        if p.engine != LOCAL_ENGINE or question is None or p.modelName in self._downloadsConfirmed:
+            return True
+        if not slicer.util.confirmOkCancelDisplay(question, windowTitle=_("Download a model")):
+            self.ui.statusLabel.text = _("Not started: the model was not downloaded.")
+            return False
+        self._downloadsConfirmed.add(p.modelName)
+        return True
 
     # -- prompts -----------------------------------------------------------------------------------------------
 
@@ -502,6 +563,8 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Cannot start the segmentation."), waitCursor=True):
             self._ensureDependencies()
             self.logic.useEngine(self._parameterNode, self.ui.serverTokenLineEdit.text)
+            if not self._confirmDownload():
+                return
             self._start(self.logic.startSegmentation(self._parameterNode), _("Segmenting"))
 
     def onPropagateCorrections(self) -> None:
@@ -510,6 +573,8 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Cannot propagate the corrections."), waitCursor=True):
             self._ensureDependencies()
             self.logic.useEngine(self._parameterNode, self.ui.serverTokenLineEdit.text)
+            if not self._confirmDownload():
+                return
             self._start(self.logic.startCorrection(self._parameterNode), _("Propagating corrections"))
 
     def onTestConnection(self) -> None:
@@ -680,13 +745,11 @@ class MedSAM2SlicerLogic(ScriptedLoadableModuleLogic):
 
     # -- models ---------------------------------------------------------------------------------------------------
 
-    def useModel(self, source, device: str) -> None:
-        """Load ``source`` (registry name, path or model) on ``device`` at the next run, if it changed."""
-        self.segmentation.set_model(source, device)
-
-    def unloadModel(self) -> None:
-        """Forget the loaded model (frees its memory); the next run loads it again."""
-        self.segmentation.unload_model()
+    def useModel(self, p) -> None:
+        """Run the panel's model (registry name, or a local file at its image size) on its device."""
+        localFile = p.modelName == LOCAL_FILE
+        imageSize = model_choice().parse_image_size(p.modelImageSize) if localFile else None
+        self.segmentation.set_model(model_choice().source(p.modelName, p.modelPath), p.device, imageSize)
 
     # -- prompts ------------------------------------------------------------------------------------------------
 
@@ -700,7 +763,7 @@ class MedSAM2SlicerLogic(ScriptedLoadableModuleLogic):
 
     def startSegmentation(self, p) -> Run:
         """Copy the inputs out of the scene and hand the run to the engine server (GUI thread)."""
-        self.useModel(model_choice().source(p.modelName, p.modelPath), p.device)
+        self.useModel(p)
         prompts = panel().panel_prompts(p)
         scene_nodes().ensure_segmentation(p)  # the run adds the segment: one undo step
         request = self.segmentation.prepare(
@@ -712,7 +775,7 @@ class MedSAM2SlicerLogic(ScriptedLoadableModuleLogic):
         """Queue a re-propagation of the selected segment from the slices edited since MedSAM2 wrote it."""
         if not (p.inputVolume and p.segmentation and p.segmentID):
             raise ValueError(_("Select the input volume and the corrected segment."))
-        self.useModel(model_choice().source(p.modelName, p.modelPath), p.device)
+        self.useModel(p)
         request, _correction = self.segmentation.prepare_correction(
             p.inputVolume, p.segmentation, p.segmentID, options=panel().engine_options(p)
         )

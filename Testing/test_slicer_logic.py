@@ -360,7 +360,10 @@ def test_correction_re_propagates_only_the_corrected_object(scene):
 def test_model_is_loaded_once_on_first_use_and_default_engine_is_looked_up(scene, monkeypatch):
     loads = []
     monkeypatch.setattr(
-        medsam2, "load_model", lambda name, device: loads.append((name, device)) or "MODEL", raising=False
+        medsam2,
+        "load_model",
+        lambda name, device, image_size: loads.append((name, device)) or "MODEL",
+        raising=False,
     )
     engine = OracleEngine()
     monkeypatch.setattr(medsam2, "segment_volume", engine, raising=False)

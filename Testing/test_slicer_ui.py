@@ -223,9 +223,9 @@ def test_dependency_handling_imports_without_torch():
 
 
 def test_missing_requirements_are_found_without_importing():
-    present = {"safetensors", "tqdm"}
+    present = {"safetensors", "tqdm", "fastapi"}
     missing = dependencies.missing_requirements(find_spec=lambda m: object() if m in present else None)
-    assert [r.specifier for r in missing] == ["scikit-image>=0.20", "scipy>=1.9"]
+    assert [r.specifier for r in missing] == ["scikit-image>=0.20", "scipy>=1.9", "uvicorn>=0.29"]
     assert dependencies.missing_requirements() == []  # this environment has them all
 
 

@@ -61,10 +61,12 @@ class RunStatus:
 class ServerRun:
     """One segmentation on an engine server, from submission to result."""
 
-    def __init__(self, engine: ServerEngine, request, model: str, device: str) -> None:
+    def __init__(
+        self, engine: ServerEngine, request, model: str, device: str, image_size: int | None = None
+    ) -> None:
         self.engine = engine
         self.request = request
-        self.model, self.device = model, device
+        self.model, self.device, self.image_size = model, device, image_size
         self.status = RunStatus(RunPhase.STARTING, message=engine.starting_message())
         self.job: RemoteJob | None = None
         self._result = None
@@ -89,6 +91,7 @@ class ServerRun:
                     model=self.model,
                     spacing=self.request.geometry.spacing,
                     device=self.device,
+                    image_size=self.image_size,
                     return_probabilities=self.request.threshold is not None,
                     **self.request.options,
                 )
@@ -153,14 +156,14 @@ class ServerRun:
 class ServerEngine:
     """An engine server that runs segmentations; see :class:`LocalEngine` and :class:`RemoteEngine`."""
 
-    def submit(self, request, model: str, device: str = "auto") -> ServerRun:
+    def submit(self, request, model: str, device: str = "auto", image_size: int | None = None) -> ServerRun:
         """Start the run of ``request`` (a ``logic.Request``); returns at once."""
         if not isinstance(model, str):
             raise InputError(
                 "An engine server loads models itself: give a registry name or a checkpoint file"
             )
         self.prepare()
-        return ServerRun(self, request, str(model), device)
+        return ServerRun(self, request, str(model), device, image_size)
 
     def prepare(self) -> None:
         """Get ready for a run (e.g. start a stopped server); must not block."""

@@ -124,6 +124,7 @@ class SegmentationLogic:
     ) -> None:
         self.model = model
         self.device = device
+        self.image_size: int | None = None
         self.engine = engine
         self.writer = SegmentWriter(history if history is not None else OwnUndo())
         self._loaded_model = None if isinstance(model, str) or hasattr(model, "__fspath__") else model
@@ -221,7 +222,7 @@ class SegmentationLogic:
         if not isinstance(self.engine, ServerEngine):
             raise TypeError("Only an engine server runs a segmentation in the background; call run() instead")
         model = os.fspath(self.model) if hasattr(self.model, "__fspath__") else self.model
-        return self.engine.submit(request, model, self.device)
+        return self.engine.submit(request, model, self.device, self.image_size)
 
     def run(
         self,
@@ -271,15 +272,17 @@ class SegmentationLogic:
         del runs[:-UNDO_STATES]  # older runs than the history can bring back
         return segment_id
 
-    def set_model(self, model, device: str = "auto") -> None:
-        """Use ``model`` (registry name, checkpoint path or a loaded model) on ``device`` from the next run.
+    def set_model(self, model, device: str = "auto", image_size: int | None = None) -> None:
+        """Use ``model`` (registry name, checkpoint path or a loaded model) on ``device`` from the next run;
+        ``image_size`` is the input size of a checkpoint file that its digest does not identify.
 
         A loaded model is dropped (its memory freed) unless the same source and device are asked for again.
         """
         with self._model_lock:
-            if (self.model, self.device) == (model, device) and self._loaded_model is not None:
+            same = (self.model, self.device, self.image_size) == (model, device, image_size)
+            if same and self._loaded_model is not None:
                 return
-            self.model, self.device = model, device
+            self.model, self.device, self.image_size = model, device, image_size
             self._loaded_model = None if isinstance(model, str) or hasattr(model, "__fspath__") else model
 
     def unload_model(self) -> None:
@@ -294,7 +297,9 @@ class SegmentationLogic:
             if self._loaded_model is None:
                 import medsam2
 
-                self._loaded_model = medsam2.load_model(self.model, device=self.device)
+                self._loaded_model = medsam2.load_model(
+                    self.model, device=self.device, image_size=self.image_size
+                )
             return self._loaded_model
 
     def can_undo(self, segmentation_node) -> bool:
