@@ -146,7 +146,9 @@ class MedSAM2SlicerParameterNode:
     aggregation: Annotated[str, Choice(["confidence", "mean", "majority"])] = "confidence"
     memoryPolicy: Annotated[str, Choice(["self-sorting", "recent"])] = "self-sorting"
     confidenceThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
-    engine: Annotated[str, Choice(["this computer", "server"])] = "this computer"  # LOCAL_ENGINE, REMOTE_ENGINE
+    engine: Annotated[str, Choice(["this computer", "server"])] = (
+        "this computer"  # LOCAL_ENGINE, REMOTE_ENGINE
+    )
     serverUrl: str = ""
     windowSource: Annotated[str, Choice(WINDOW_CHOICES)] = "view"
     windowLevel: float = 40.0

@@ -62,7 +62,7 @@ def frames_encoded(engine: LocalEngine) -> int:
 def test_ctchest4_through_the_server_equals_in_process_and_a_correction_reuses_the_encoding(scene, engine):
     volume, reference = load_ct(scene), load_segmentation(scene)
     prompts = lung_prompt(reference, volume)
-    options = {"orientations": 2, "window": "lung", "modality": "ct"}
+    options = {"orientations": 1, "window": "lung", "modality": "ct"}  # one direction keeps CI short
     served = SegmentationLogic("medsam2-lite", device="cpu", engine=engine)
     in_process = SegmentationLogic("medsam2-lite", device="cpu")
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
@@ -107,7 +107,7 @@ def test_cancel_mid_run_leaves_the_segments_unchanged(scene, engine):
     with pytest.raises(medsam2.Cancelled):
         run.result()
     assert_same_segments(before, all_segments(segmentation, volume))
-    assert not logic.writer.can_undo
+    assert not logic.can_undo(segmentation)
 
 
 def test_a_server_killed_mid_run_leaves_the_segments_unchanged_and_the_next_run_restarts_it(scene):
@@ -146,7 +146,10 @@ def test_a_gui_thread_that_holds_the_gil_does_not_slow_the_engine(scene, engine)
     thread that sleeps normally. The best of two runs each way is compared, alternating, against load noise."""
     volume, reference = load_ct(scene), load_segmentation(scene)
     logic = SegmentationLogic(TINY, device="cpu", engine=engine)
-    request = logic.prepare(volume, reference, lung_prompt(reference, volume), None, TINY_OPTIONS)
+    options = {**TINY_OPTIONS, "early_stop": False}
+    request = logic.prepare(volume, reference, lung_prompt(reference, volume), None, options)
+    # CTChest4 stacked twice: runs of seconds, so that the 100 ms poll steps are a small part of them.
+    request.volume = np.tile(request.volume, (2, 1, 1))
     libc = ctypes.PyDLL(None)
 
     def timed(hold_gil: bool) -> float:

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
 from medsam2.errors import Cancelled, InputError, MedSAM2Error
-from medsam2.service.client import EngineClient, RemoteJob, ServerUnavailable
+from medsam2.service.client import EngineClient, RemoteJob, ServerUnavailable, wait_for
 from medsam2.service.local import LocalServer, ServerStartError, ServerState
 
 ProgressCallback = Callable[[int, int, str], None]
@@ -56,6 +55,14 @@ class RunStatus:
     total: int = 0
     message: str = ""
     download: tuple[int, int | None] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.phase.finished
+
+    @property
+    def running(self) -> bool:
+        return self.phase is RunPhase.RUNNING
 
 
 class ServerRun:
@@ -135,17 +142,7 @@ class ServerRun:
         poll_interval: float = 0.1,
     ):
         """Poll until the run ends, then return its result (scripts and tests; the GUI polls from a timer)."""
-        reported = None
-        while not self.poll().phase.finished:
-            if cancel is not None and cancel.is_set():
-                self.cancel()
-                break
-            now = (self.status.done, self.status.total, self.status.message)
-            if progress is not None and self.status.phase is RunPhase.RUNNING and now != reported:
-                progress(*now)
-                reported = now
-            time.sleep(poll_interval)
-        return self.result()
+        return wait_for(self, progress, cancel, poll_interval)
 
     def _fail(self, error: BaseException) -> RunStatus:
         self._error = error

@@ -66,6 +66,10 @@ class JobStatus:
     def finished(self) -> bool:
         return self.state in ("done", "failed", "cancelled")
 
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
     @classmethod
     def from_json(cls, status: dict) -> JobStatus:
         names = {f.name for f in dataclasses.fields(cls)} - {"raw"}
@@ -80,6 +84,7 @@ class RemoteJob:
         self.id = status["id"]
         self.status = JobStatus.from_json(status)
         self._decode = decode
+        self._cancelled = False
 
     def poll(self) -> JobStatus:
         """Ask the server once for the job's state (no-op once it has finished)."""
@@ -89,6 +94,7 @@ class RemoteJob:
 
     def cancel(self) -> None:
         """Ask the server to stop the job (it stops within one frame); returns without waiting for it."""
+        self._cancelled = True
         if not self.status.finished:
             self.status = JobStatus.from_json(self.client.request("POST", f"/v1/jobs/{self.id}/cancel"))
 
@@ -97,7 +103,7 @@ class RemoteJob:
         status = self.status
         if status.state == "done":
             return self._decode(status.raw["result"])
-        if status.state == "cancelled":
+        if status.state == "cancelled" or self._cancelled:
             raise Cancelled("The job was cancelled on the server; nothing was returned")
         if status.state == "failed":
             error = status.error or {}
@@ -112,17 +118,29 @@ class RemoteJob:
         poll_interval: float = 0.1,
     ):
         """Poll until the job ends (scripts and the CLI; a GUI polls from its timer instead)."""
-        reported = None
-        while not self.poll().finished:
-            if cancel is not None and cancel.is_set():
-                self.cancel()
-                raise Cancelled("Cancelled; the server was asked to stop the job")
-            now = (self.status.done, self.status.total, self.status.message)
-            if progress is not None and now != reported and self.status.state == "running":
-                progress(*now)
-                reported = now
-            time.sleep(poll_interval)
-        return self.result()
+        return wait_for(self, progress, cancel, poll_interval)
+
+
+def wait_for(
+    job,
+    progress: ProgressCallback | None = None,
+    cancel: threading.Event | None = None,
+    poll_interval: float = 0.1,
+):
+    """Poll ``job`` until it ends and return its ``result()``. ``job`` has ``poll()`` (returning a status with
+    ``finished``, ``running``, ``done``, ``total`` and ``message``), ``cancel()`` and ``result()``. Progress is
+    reported when it changes; setting ``cancel`` cancels the job, whose ``result()`` then raises ``Cancelled``."""
+    reported = None
+    while not (status := job.poll()).finished:
+        if cancel is not None and cancel.is_set():
+            job.cancel()
+            break
+        now = (status.done, status.total, status.message)
+        if progress is not None and status.running and now != reported:
+            progress(*now)
+            reported = now
+        time.sleep(poll_interval)
+    return job.result()
 
 
 class EngineClient:
