@@ -174,11 +174,15 @@ def test_a_bad_row_fails_alone_with_its_reason(tmp_path):
 
 
 def test_a_rows_hash_covers_its_group_and_nothing_else(tmp_path):
-    lines = ['a.nrrd,liver,"1,1,5,5",,,1,,,,P1', 'a.nrrd,spleen,"6,6,9,9",,,1,,,,P1', 'b.nrrd,liver,"1,1,5,5",,,1,,,,P2']
+    lines = [
+        'a.nrrd,liver,"1,1,5,5",,,1,,,,P1',
+        'a.nrrd,spleen,"6,6,9,9",,,1,,,,P1',
+        'b.nrrd,liver,"1,1,5,5",,,1,,,,P2',
+    ]
 
-    def hashes(*rows: str, choice: ModelChoice = ModelChoice()) -> dict[str, str]:
-        specs = _checked(tmp_path, *rows)
-        return {r.id: h for g in make_groups(specs, choice) for r, h in zip(g.rows, g.hashes)}
+    def hashes(*rows: str, choice: ModelChoice | None = None) -> dict[str, str]:
+        groups = make_groups(_checked(tmp_path, *rows), choice or ModelChoice())
+        return {r.id: h for g in groups for r, h in zip(g.rows, g.hashes)}
 
     base = hashes(*lines)
     assert len(set(base.values())) == 3

@@ -12,8 +12,8 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__, commands
-from .cohort import command as cohort_command
 from .cli_inputs import AXES
+from .cohort import command as cohort_command
 from .errors import Cancelled, MedSAM2Error
 from .preprocess import MODALITIES, WINDOW_PRESETS
 from .volume import Aggregation

@@ -52,7 +52,9 @@ lesions.csv:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("table", metavar="TABLE", help="cohort table: .csv or .parquet, one row per structure")
+    parser.add_argument(
+        "table", metavar="TABLE", help="cohort table: .csv or .parquet, one row per structure"
+    )
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
     rows = parser.add_argument_group("defaults of the rows (a row's own column wins)")
     rows.add_argument(
@@ -82,7 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="ADDRESS",
         help="an existing Ray cluster (host:port, or auto); default: a local Ray instance on this machine",
     )
-    ray.add_argument("--workers", type=int, metavar="N", help="workers (default: as many as the cluster holds)")
+    ray.add_argument(
+        "--workers", type=int, metavar="N", help="workers (default: as many as the cluster holds)"
+    )
     ray.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="C", help="(default: 1)")
     ray.add_argument(
         "--gpus-per-worker",
@@ -91,7 +95,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="GPUs per worker, a fraction to share one (default: 1 when the cluster has GPUs, else 0)",
     )
     ray.add_argument(
-        "--retries", type=int, default=2, metavar="N", help="runs of a row again after its worker died (default: 2)"
+        "--retries",
+        type=int,
+        default=2,
+        metavar="N",
+        help="runs of a row again after its worker died (default: 2)",
     )
 
 
@@ -164,7 +172,9 @@ class ProgressBar(Reporter):
 
     def retrying(self, task: Task, error: str, attempt: int) -> None:
         if self.bar is not None:
-            self.bar.write(f"worker lost running {', '.join(task.rows)} (attempt {attempt}): {error}; retrying")
+            self.bar.write(
+                f"worker lost running {', '.join(task.rows)} (attempt {attempt}): {error}; retrying"
+            )
 
     def finished(self, records: Sequence[RowRecord]) -> None:
         self.failures += sum(r.status == "failed" for r in records)

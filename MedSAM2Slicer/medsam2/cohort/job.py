@@ -66,13 +66,17 @@ def run_cohort(
         with cluster(address) as ray:
             run_tasks(tasks, store, choice, resources, _Recording(book, reporter), ray)
         store.sweep_partial(ids)  # what a worker killed while writing left behind
-    return Outcome(records=book.records(), ran=sum(len(t.rows) for t in tasks), skipped=skipped, results=book.write())
+    return Outcome(
+        records=book.records(), ran=sum(len(t.rows) for t in tasks), skipped=skipped, results=book.write()
+    )
 
 
 class _Book:
     """The records of the table's rows so far, saved and written to the results table as they come."""
 
-    def __init__(self, store: OutputStore, rows: Sequence[RowSpec | BadRow], extra_columns: Sequence[str]) -> None:
+    def __init__(
+        self, store: OutputStore, rows: Sequence[RowSpec | BadRow], extra_columns: Sequence[str]
+    ) -> None:
         self.store, self.rows, self.extra_columns = store, rows, extra_columns
         self.by_id: dict[str, RowRecord] = {}
 

@@ -36,7 +36,9 @@ def recist_box(
         raise InputError("A RECIST line needs two (x, y) endpoints and a positive (column, row) spacing")
     length = float(np.linalg.norm((b - a) * step))
     if length == 0:
-        raise InputError(f"The RECIST line from {tuple(a)} to {tuple(b)} has no length: its endpoints coincide")
+        raise InputError(
+            f"The RECIST line from {tuple(a)} to {tuple(b)} has no length: its endpoints coincide"
+        )
     centre = (a + b) / 2
     half = length / 2 / step
     low, high = centre - half, centre + half

@@ -115,10 +115,15 @@ class OutputStore:
             return None
 
     def save(self, record: RowRecord) -> None:
-        write_text(self.records / f"{record.id}.json", json.dumps(dataclasses.asdict(record), indent=1) + "\n")
+        write_text(
+            self.records / f"{record.id}.json", json.dumps(dataclasses.asdict(record), indent=1) + "\n"
+        )
 
     def write_results(
-        self, records: Sequence[RowRecord], extra: Sequence[dict[str, str | None]], extra_columns: Sequence[str]
+        self,
+        records: Sequence[RowRecord],
+        extra: Sequence[dict[str, str | None]],
+        extra_columns: Sequence[str],
     ) -> Path:
         """``results.csv``: the records in table order, each followed by its row's carried columns."""
         buffer = text_io.StringIO()
