@@ -207,14 +207,17 @@ def test_the_engine_and_the_command_line_work_without_ray(tmp_path):
     table = _table(tmp_path, 'ct.nrrd,liver,"1,1,5,5",,,1,,,,')
     script = f"""
 import sys
+import medsam2, medsam2.cli, medsam2.cohort
+assert "ray" not in sys.modules, "importing the engine or the command line imported Ray"
 sys.modules["ray"] = None  # import ray now raises ImportError
-import medsam2, medsam2.cli
 assert medsam2.cli.main(["--version"]) == 0
+assert medsam2.cli.main(["cohort", "--help"]) == 0
 code = medsam2.cli.main(["cohort", {str(table)!r}, "--out", {str(tmp_path / "out")!r}, "--model", {MODEL!r}])
 print("exit", code)
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "exit 2" in done.stdout
+    assert "table columns" in done.stdout and "medsam2 cohort lesions.csv --out segs/" in done.stdout
     assert "runs on Ray, which is not installed: pip install 'medsam2[cohort]'" in done.stderr
     assert not (tmp_path / "out").exists()  # refused before anything was written
