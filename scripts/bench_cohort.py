@@ -99,13 +99,12 @@ def main() -> None:
     ray_start = time.perf_counter() - started
     runs = {}
     for workers in (1, 2):
-        meter = TreeCpu()
-        before, started = _tree_cpu_seconds(), time.perf_counter()
+        meter, started = TreeCpu(), time.perf_counter()
         outcome = run_cohort(table, work / f"ray-{workers}", settings, resources=Resources(workers=workers),
                              reporter=meter)  # fmt: skip
         runs[workers] = {
             "wall_s": time.perf_counter() - started,
-            "cpu_s_all_processes": meter.last - before,
+            "cpu_s_all_processes": meter.used,
             "row_seconds_sum": sum(r.seconds or 0.0 for r in outcome.records),
             "ok": sum(r.ok for r in outcome.records),
         }
@@ -144,9 +143,10 @@ def main() -> None:
     shutil.rmtree(work)
 
 
-def _tree_cpu_seconds() -> float:
-    """CPU seconds used so far by this process and every process below it still alive (Ray's daemons and
-    workers); a machine shared with other jobs stretches wall times, not these."""
+def _tree_cpu() -> dict[int, float]:
+    """CPU seconds so far of this process and of every process below it (Ray's daemons and workers), by pid.
+
+    A machine shared with other jobs stretches wall times, not these."""
     parents, cpu = {}, {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -161,16 +161,21 @@ def _tree_cpu_seconds() -> float:
         children = [p for p, parent in parents.items() if parent in frontier and p not in tree]
         tree.update(children)
         frontier = children
-    return sum(cpu.get(p, 0.0) for p in tree)
+    return {p: cpu[p] for p in tree if p in cpu}
 
 
 class TreeCpu(Reporter):
-    """Reads the process tree's CPU time each time a group ends, while the run's workers are alive."""
+    """The CPU seconds the process tree used since it was made, read each time a group ends (while the run's
+    workers are alive: they are stopped when the run ends). A process that ended in between (the previous
+    run's workers, stopped just before) is left out rather than counted with a negative share."""
 
-    last = 0.0
+    def __init__(self) -> None:
+        self.before = _tree_cpu()
+        self.used = 0.0
 
     def finished(self, records) -> None:
-        self.last = _tree_cpu_seconds()
+        now = _tree_cpu()
+        self.used = sum(seconds - self.before.get(pid, 0.0) for pid, seconds in now.items())
 
 
 def _cpu_name() -> str:

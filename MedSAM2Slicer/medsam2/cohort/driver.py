@@ -24,8 +24,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from ..errors import InputError, MedSAM2Error
 from .plan import Group, ModelChoice
+from .run import Models, device_name, run_group
 from .store import OutputStore, RowRecord, failed_record
 
 # Ray reads this when imported: off, a local instance binds to 127.0.0.1 instead of the machine's address.
@@ -122,10 +125,6 @@ class CohortWorker:
     """One worker: a process with its device, its loaded models and the output folder (a Ray actor)."""
 
     def __init__(self, choice: ModelChoice, folder: str, threads: int, gpu: bool) -> None:
-        import torch
-
-        from .run import Models, device_name
-
         torch.set_num_threads(threads)
         self.device = "cuda" if gpu else "cpu"
         self.shown_device = device_name(self.device)
@@ -136,8 +135,6 @@ class CohortWorker:
         return WorkerInfo(pid=os.getpid(), host=socket.gethostname(), device=self.shown_device)
 
     def run(self, group: Group, skip: frozenset[str]) -> list[RowRecord]:
-        from .run import run_group
-
         return run_group(group, self.models, self.store, self.shown_device, skip)
 
 

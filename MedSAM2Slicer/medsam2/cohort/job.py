@@ -23,7 +23,6 @@ class Outcome:
     """What a run did: ``records`` in table order; ``skipped`` rows were finished by an earlier run."""
 
     records: list[RowRecord]
-    ran: int
     skipped: int
     results: Path
 
@@ -66,9 +65,7 @@ def run_cohort(
         with cluster(address) as ray:
             run_tasks(tasks, store, choice, resources, _Recording(book, reporter), ray)
         store.sweep_partial(ids)  # what a worker killed while writing left behind
-    return Outcome(
-        records=book.records(), ran=sum(len(t.rows) for t in tasks), skipped=skipped, results=book.write()
-    )
+    return Outcome(records=book.records(), skipped=skipped, results=book.write())
 
 
 class _Book:
