@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from . import __version__, commands
 from .cli_inputs import AXES
+from .cohort import command as cohort_command
 from .errors import Cancelled, MedSAM2Error
 from .preprocess import MODALITIES, WINDOW_PRESETS
 from .volume import Aggregation
@@ -100,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_models(sub)
     _add_bench(sub)
+    _add_cohort(sub)
     for name, text in FORWARDED.items():  # listed for --help; main() hands their arguments on untouched
         sub.add_parser(name, help=text, add_help=False)
     return parser
@@ -221,6 +223,18 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--json", metavar="FILE", help="write the measurements as JSON")
     bench.add_argument("--markdown", metavar="FILE", help="write a BENCHMARKS.md section")
     bench.set_defaults(handler=commands.run_bench)
+
+
+def _add_cohort(sub: argparse._SubParsersAction) -> None:
+    cohort = sub.add_parser(
+        "cohort",
+        help=cohort_command.HELP,
+        description=cohort_command.DESCRIPTION,
+        epilog=cohort_command.epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cohort_command.add_arguments(cohort)
+    cohort.set_defaults(handler=cohort_command.run)
 
 
 def _prompt_options(parser: argparse.ArgumentParser, volume: bool) -> None:

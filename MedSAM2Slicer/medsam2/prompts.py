@@ -53,7 +53,7 @@ class Prompt:
                 raise InputError(f"Prompt box must be (x0, y0, x1, y1), got {self.box!r}")
             x0, y0, x1, y1 = box
             if x1 <= x0 or y1 <= y0:
-                raise InputError(f"Prompt box {tuple(box)} is empty: it needs x1 > x0 and y1 > y0")
+                raise InputError(f"Prompt box {_numbers(box)} is empty: it needs x1 > x0 and y1 > y0")
             self.box = box
         if self.mask is not None:
             mask = np.asarray(self.mask)
@@ -89,8 +89,13 @@ class Prompt:
         if self.box is not None:
             x0, y0, x1, y1 = self.box
             if x1 < 0 or y1 < 0 or x0 > cols - 1 or y0 > rows - 1:
-                raise InputError(f"The prompt box {tuple(self.box)} lies outside {where}")
+                raise InputError(f"The prompt box {_numbers(self.box)} lies outside {where}")
         if self.mask is not None and self.mask.shape != (rows, cols):
             raise InputError(
                 f"The prompt mask has shape {self.mask.shape}, but {where} needs shape ({rows}, {cols})"
             )
+
+
+def _numbers(values: Sequence[float]) -> str:
+    """``(x0, y0, x1, y1)`` as a reader would type it (numpy 2 shows ``np.float64(3.0)`` in a tuple)."""
+    return "(" + ", ".join(f"{float(v):g}" for v in values) + ")"
