@@ -20,12 +20,14 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import platform
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import torch
 
 import medsam2
 from medsam2 import io
@@ -49,38 +51,51 @@ def demo_case():
     return image, prompts
 
 
+def warm_up(client, device: str) -> None:
+    """Load the model on the server with a small job of its own (other voxels: no feature is shared)."""
+    noise = np.random.default_rng(0).integers(0, 1000, (4, 32, 32)).astype(np.int16)
+    client.segment_volume(noise, [medsam2.Prompt(axis=0, index=1, box=(4, 4, 20, 20))], device=device)
+
+
 def timed(function) -> tuple[float, object]:
     started = time.perf_counter()
     value = function()
     return time.perf_counter() - started, value
 
 
-def overhead(image, prompts, device: str) -> dict:
+def overhead(image, prompts, device: str, repeats: int = 2) -> dict:
     both = list(prompts.values())
     model = medsam2.load_model("medsam2-lite", device=device)
     server = LocalServer(extra_args=("--feature-cache-mb", "0"))
     client = server.wait_ready()
+
+    def in_process():
+        return medsam2.segment_volume(model, image.array, both, spacing=image.spacing_zyx, **DEMO_OPTIONS)
+
+    def served():
+        return client.segment_volume(
+            image.array, both, spacing=image.spacing_zyx, device=device, **DEMO_OPTIONS
+        )
+
     try:
-        warm = np.zeros((4, 32, 32), np.int16)
-        client.segment_volume(warm, [medsam2.Prompt(axis=0, index=1, box=(4, 4, 20, 20))], device=device)
-        local_s, local = timed(
-            lambda: medsam2.segment_volume(
-                model, image.array, both, spacing=image.spacing_zyx, **DEMO_OPTIONS
-            )
-        )
-        served_s, served = timed(
-            lambda: client.segment_volume(
-                image.array, both, spacing=image.spacing_zyx, device=device, **DEMO_OPTIONS
-            )
-        )
+        # Both sides warm (model loaded, first inference done), then alternating runs; the best of each.
+        warm_up(client, device)
+        noise = np.random.default_rng(0).integers(0, 1000, (4, 32, 32)).astype(np.int16)
+        medsam2.segment_volume(model, noise, [medsam2.Prompt(axis=0, index=1, box=(4, 4, 20, 20))])
+        local_s, served_s = [], []
+        for _ in range(repeats):
+            seconds, local = timed(in_process)
+            local_s.append(seconds)
+            seconds, remote = timed(served)
+            served_s.append(seconds)
     finally:
         server.stop()
     return {
-        "in_process_s": round(local_s, 2),
-        "server_s": round(served_s, 2),
-        "ratio": round(served_s / local_s, 3),
-        "labels_identical": bool(np.array_equal(local.labels, served.labels)),
-        "frames_encoded": served.frames_encoded,
+        "in_process_s": [round(t, 2) for t in local_s],
+        "server_s": [round(t, 2) for t in served_s],
+        "ratio_of_best": round(min(served_s) / min(local_s), 3),
+        "labels_identical": bool(np.array_equal(local.labels, remote.labels)),
+        "frames_encoded": remote.frames_encoded,
     }
 
 
@@ -88,8 +103,7 @@ def second_object(image, prompts, device: str) -> dict:
     server = LocalServer()
     client = server.wait_ready()
     try:
-        warm = np.zeros((4, 32, 32), np.int16)
-        client.segment_volume(warm, [medsam2.Prompt(axis=0, index=1, box=(4, 4, 20, 20))], device=device)
+        warm_up(client, device)
         runs = {}
         for name in ("right lung", "left lung"):
             prompt = [medsam2.Prompt(**{**vars(prompts[name]), "obj_id": 1})]
@@ -163,6 +177,16 @@ def gui_loop(image, prompts, device: str) -> dict:
     return {"no_gui_loop_s": round(plain, 2), "gui_loop_s": round(held, 2), "ratio": round(held / plain, 3)}
 
 
+def machine() -> str:
+    """The processor's model name (Linux), else what the platform module knows."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            name = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f"{name}, {os.cpu_count()} cores"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -172,7 +196,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the summary here")
     args = parser.parse_args()
     image, prompts = demo_case()
-    summary = {"machine": f"{platform.machine()}, {platform.processor() or '?'}", "device": args.device}
+    summary = {"machine": machine(), "device": args.device, "torch_threads": torch.get_num_threads()}
     for name, bench in (
         ("overhead", overhead),
         ("second", second_object),
