@@ -234,8 +234,8 @@ def test_cached_file_is_reused_and_rechecked_after_change(server, tmp_path, monk
     entry = make_entry(server)
     models.fetch(entry, cache=tmp_path, progress=False)
     hashed = []
-    real_hash = models._hash_file
-    monkeypatch.setattr(models, "_hash_file", lambda p: hashed.append(p) or real_hash(p))
+    real_hash = models.hash_file
+    monkeypatch.setattr(models, "hash_file", lambda p: hashed.append(p) or real_hash(p))
 
     assert models.fetch(entry, cache=tmp_path, progress=False).read_bytes() == PAYLOAD
     assert server.ranges == [None] and hashed == []  # no request, digest from the sidecar

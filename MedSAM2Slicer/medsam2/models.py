@@ -176,7 +176,7 @@ def identify(path: str | os.PathLike) -> ModelEntry | None:
     if not any(e.sha256 for e in _REGISTRY.values()):
         return None
     in_cache = path.resolve().parent == cache_dir().resolve()
-    return find_by_sha256(file_sha256(path) if in_cache else _hash_file(path))
+    return find_by_sha256(file_sha256(path) if in_cache else hash_file(path))
 
 
 def list_models(cache: str | os.PathLike | None = None) -> list[ModelRow]:
@@ -268,7 +268,7 @@ def file_sha256(path: str | os.PathLike) -> str:
             return remembered["sha256"]
     except (OSError, ValueError):
         pass
-    digest = _hash_file(path)
+    digest = hash_file(path)
     # A read-only folder (e.g. installed package data) only costs hashing again next time.
     with contextlib.suppress(OSError):
         sidecar.write_text(json.dumps({**key, "sha256": digest}))
@@ -279,9 +279,10 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def _hash_file(path: Path) -> str:
+def hash_file(path: str | os.PathLike) -> str:
+    """The file's sha256, read in blocks; nothing is written (unlike :func:`file_sha256`)."""
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
+    with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(_CHUNK), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -325,7 +326,7 @@ def download(
         partial.unlink()
         raise MedSAM2Error(f"Download of {url} gave {size} bytes, the server announced {total}. {hint}")
     if sha256 is not None:
-        actual = _hash_file(partial)
+        actual = hash_file(partial)
         if actual != sha256.lower():
             partial.unlink()
             raise MedSAM2Error(

@@ -22,8 +22,6 @@ from .. import __version__, models
 from ..configs import ModelConfig
 from .rows import RowSpec, Settings
 
-_BLOCK = 1 << 20
-
 
 @dataclass(frozen=True)
 class ModelChoice:
@@ -77,7 +75,7 @@ def model_identity(source: str) -> dict:
     """What identifies a model's weights: a file's sha256, or a registered name with its published digest."""
     path = Path(source)
     if path.is_file():
-        return {"sha256": _file_sha256(path)}
+        return {"sha256": models.hash_file(path)}
     entry = models.get(source)
     return {"name": entry.name, "sha256": entry.sha256}
 
@@ -98,12 +96,3 @@ def _config_data(config: ModelConfig | str | None) -> object:
 def _digest(data: object) -> str:
     text = json.dumps(data, sort_keys=True, default=list)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _file_sha256(path: Path) -> str:
-    # Not models.file_sha256: that one leaves a .sha256 file beside the checkpoint, in the user's folder.
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(_BLOCK), b""):
-            digest.update(block)
-    return digest.hexdigest()

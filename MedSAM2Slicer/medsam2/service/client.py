@@ -13,7 +13,6 @@ uploaded once: the client asks whether the server has its digest first.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import http.client
 import json
 import os
@@ -234,11 +233,9 @@ class EngineClient:
         key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
         digest = self._checkpoint_digests.get(key)
         if digest is None:
-            sha = hashlib.sha256()
-            with open(path, "rb") as file:
-                while chunk := file.read(1 << 20):
-                    sha.update(chunk)
-            digest = self._checkpoint_digests[key] = sha.hexdigest()
+            from ..models import hash_file
+
+            digest = self._checkpoint_digests[key] = hash_file(path)
         if not self.exists(f"/v1/checkpoints/{digest}"):
             self._check_size(stat.st_size, f"The checkpoint {path.name}")
             query = {"suffix": path.suffix.lower()}
