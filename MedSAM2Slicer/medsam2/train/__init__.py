@@ -3,7 +3,8 @@
     medsam2 train prepare  --workdir W [--budget N]     resample the sources, cache TinyViT features
     medsam2 train run      --workdir W [--steps N] [--minutes M]   train (resumes from W/checkpoint.pt)
     medsam2 train export   --workdir W [--out FILE]     write the shipped weights + provenance JSON
-    medsam2 train evaluate [--weights FILE] [--out F] [--only NAME]   held-out volumes: methods (i)-(v), 2D one-prompt
+    medsam2 train evaluate [--weights FILE] [--out F] [--only NAME] [--corrections K]   held-out volumes:
+                           methods (i)-(v), 2D one-prompt, Dice after k simulated corrections
 
 Data, held-out split and cache: ``medsam2.train.data``; sequences and prompts: ``.sequences``; the tracking
 pass and losses: ``.step``; optimiser, schedule and checkpoints: ``.trainer``.
@@ -162,7 +163,14 @@ def _means(records: list[dict]) -> dict[str, float]:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, markdown
 
-    results = evaluate(args.weights, args.data_dir, args.litemedsam, jobs=args.jobs, only=args.only)
+    results = evaluate(
+        args.weights,
+        args.data_dir,
+        args.litemedsam,
+        jobs=args.jobs,
+        only=args.only,
+        corrections=args.corrections,
+    )
     results["weights"] = str(args.weights)
     table = markdown(results)
     print(table)
@@ -229,6 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="NAME",
         help="evaluate only this volume (e.g. 'CTChest4', or '2D one-prompt'); repeatable",
+    )
+    p.add_argument(
+        "--corrections",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also correct (i)-(iv) up to K times each, as a simulated user (0: off); see medsam2.train.corrections",
     )
     p.set_defaults(func=cmd_evaluate)
     return parser

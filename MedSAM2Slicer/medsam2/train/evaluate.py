@@ -105,6 +105,13 @@ METHODS = (
     "(v) reference box every slice",
 )
 
+# The options of segment_volume that make methods (i)-(iii).
+MEMORY_RUNS = {
+    METHODS[0]: dict(orientations=6, memory=MemoryOptions(policy="self-sorting")),
+    METHODS[1]: dict(orientations=6, memory=MemoryOptions(policy="recent")),
+    METHODS[2]: dict(orientations=2, memory=MemoryOptions(policy="self-sorting")),
+}
+
 
 @dataclass
 class HeldOutVolume:
@@ -261,15 +268,20 @@ class AxialSlices:
         return torch.tensor(corners[None], dtype=torch.float32, device=self.model.device)
 
 
-def previous_box_chain(slices: AxialSlices, start: int, box: tuple[int, int, int, int]) -> np.ndarray:
-    """Method (iv): from the prompted slice outwards, each slice gets the previous slice's grown box."""
+def previous_box_chain(
+    slices: AxialSlices, start: int, box: tuple[int, int, int, int], stops: Collection[int] = ()
+) -> np.ndarray:
+    """Method (iv): from the prompted slice outwards, each slice gets the previous slice's grown box.
+
+    Each direction also ends before any slice of ``stops`` (slices answered otherwise, e.g. a user's
+    correction, :mod:`medsam2.train.corrections`)."""
     shape = (len(slices.stack), slices.stack.height, slices.stack.width)
     result = np.zeros(shape, bool)
     first = slices.box_logits(start, slices.box_to_model(box))
     result[start] = slices.to_frame(first)
     for step in (1, -1):
         previous, z = first, start + step
-        while 0 <= z < shape[0]:
+        while 0 <= z < shape[0] and z not in stops:
             if bool(slices.model.lost_objects(previous).any()):
                 break
             grown = slices.model.tracking_prompt(previous)
@@ -317,11 +329,16 @@ def shared_encoder(model: SAM2Model) -> Iterator[dict]:
 
 
 def evaluate_volume(
-    model: SAM2Model, volume: HeldOutVolume, baseline: SAM2Model | None = None, log=print
+    model: SAM2Model,
+    volume: HeldOutVolume,
+    baseline: SAM2Model | None = None,
+    log=print,
+    corrections: int = 0,
 ) -> dict:
     """Dice / HD95 per structure and method, and seconds per method, for one held-out volume.
 
-    ``baseline``: the model of the no-memory methods (iv) and (v) (default: ``model``)."""
+    ``baseline``: the model of the no-memory methods (iv) and (v) (default: ``model``). ``corrections`` > 0
+    adds the Dice of (i)-(iv) after 0..``corrections`` simulated corrections (:mod:`.corrections`)."""
     names = list(volume.structures)
     references = {name: volume.mask(name) for name in names}
     masks: dict[str, dict[str, np.ndarray]] = {m: {} for m in METHODS}
@@ -344,7 +361,7 @@ def evaluate_volume(
         }
         for name in names
     }
-    return {
+    out = {
         "shape": list(volume.image.shape),
         "spacing_mm": list(volume.spacing),
         "scores": scores,
@@ -352,6 +369,11 @@ def evaluate_volume(
         "encoder": encoder_stats,
         "windows": {n: volume.window(n) for n in names},
     }
+    if corrections:
+        from .corrections import volume_corrections
+
+        out["corrections"] = volume_corrections(model, baseline or model, volume, corrections, log)
+    return out
 
 
 def _evaluate_group(
@@ -371,14 +393,9 @@ def _evaluate_group(
     for obj_id, name in enumerate(names, start=1):
         index, box = box_on_largest_slice(references[name])
         prompts.append(Prompt(axis=0, index=index, obj_id=obj_id, box=box))
-    runs = {
-        METHODS[0]: dict(orientations=6, memory=MemoryOptions(policy="self-sorting")),
-        METHODS[1]: dict(orientations=6, memory=MemoryOptions(policy="recent")),
-        METHODS[2]: dict(orientations=2, memory=MemoryOptions(policy="self-sorting")),
-    }
     prepared = dict(spacing=volume.spacing, modality=volume.modality, window=window)
     with shared_encoder(model) as encoder_stats:
-        for method, options in runs.items():
+        for method, options in MEMORY_RUNS.items():
             started = time.perf_counter()
             result = segment_volume(model, volume.image, prompts, **prepared, **options)
             seconds[method] += time.perf_counter() - started
@@ -503,7 +520,9 @@ def exit_with_parent(parent_pid: int, poll_seconds: float = 1.0) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
-def _run_job(job: str, weights: Path, litemedsam: str | Path | None, data_dir: Path, threads: int) -> dict:
+def _run_job(
+    job: str, weights: Path, litemedsam: str | Path | None, data_dir: Path, corrections: int, threads: int
+) -> dict:
     """One volume's evaluation, or the 2D one-prompt setting (a worker process's whole task)."""
     torch.set_num_threads(threads)
     model, baseline = load_models(weights, litemedsam)
@@ -512,7 +531,7 @@ def _run_job(job: str, weights: Path, litemedsam: str | Path | None, data_dir: P
         started = time.perf_counter()
         return {"rows": one_prompt_2d(model, volumes, baseline), "seconds": time.perf_counter() - started}
     volume = next(v for v in volumes if v.name == job)
-    return evaluate_volume(model, volume, baseline, log=lambda message: None)
+    return evaluate_volume(model, volume, baseline, log=lambda message: None, corrections=corrections)
 
 
 def evaluate(
@@ -522,20 +541,24 @@ def evaluate(
     jobs: int = 1,
     only: list[str] | None = None,
     log=print,
+    corrections: int = 0,
 ) -> dict:
     """The held-out evaluation of the trained ``weights`` (see the module docstring): every volume and the
     2D setting, or the ``only`` ones (volume names, :data:`ONE_PROMPT_JOB`).
 
     ``jobs`` > 1 evaluates the volumes (and the 2D setting) in that many processes of one thread each; the
-    seconds per method are then those of a process sharing the machine.
+    seconds per method are then those of a process sharing the machine. ``corrections`` > 0 adds the
+    simulated user's corrections (:mod:`.corrections`).
     """
+    if corrections < 0:
+        raise ValueError(f"corrections must be 0 (off) or more, got {corrections}")
     names = held_out_names(data_dir) + [ONE_PROMPT_JOB]
     if only:
         unknown = sorted(set(only) - set(names))
         if unknown:
             raise ValueError(f"unknown evaluation part {unknown}; choose from {names}")
         names = [n for n in names if n in only]
-    args = (weights, litemedsam, data_dir)
+    args = (weights, litemedsam, data_dir, corrections)
     if jobs > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -555,6 +578,10 @@ def evaluate(
     results = {"volumes": done}
     if done:
         results["summary"] = summarize(results)
+        if corrections:
+            from .corrections import summarize_corrections
+
+            results["corrections"] = summarize_corrections(done)
     if two_d is not None:
         results["one_prompt_2d"] = two_d["rows"]
         results["one_prompt_2d_seconds"] = round(two_d["seconds"], 1)
@@ -578,6 +605,10 @@ def markdown(results: dict) -> str:
     lines += ["| volume | " + " | ".join(short) + " |", "|---|" + "---|" * len(METHODS)]
     for volume, v in results["volumes"].items():
         lines.append(f"| {volume} | " + " | ".join(f"{v['seconds'][m]:.0f}" for m in METHODS) + " |")
+    if results.get("corrections"):
+        from .corrections import corrections_markdown
+
+        lines += ["", corrections_markdown(results["corrections"]).rstrip("\n")]
     if results.get("one_prompt_2d"):
         lines += ["", "| structure | image from | one-prompt Dice (memory) | template box, no memory |"]
         lines.append("|---|---|---|---|")

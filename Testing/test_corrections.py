@@ -1,0 +1,199 @@
+"""The simulated user who corrects (``medsam2.train.corrections``): which slice is corrected, what a
+correction does to each method, the Dice after k corrections and the corrections needed to reach 0.85.
+
+Stand-in segmenters (plain functions of the corrections) check the loop itself; the tiny random-weight model
+of the golden files runs the real methods (i)-(iv) on a generated volume.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from golden import golden_model
+
+from medsam2 import metrics
+from medsam2.preprocess import prepare_intensities
+from medsam2.prompts import Prompt
+from medsam2.train import corrections as cr
+from medsam2.train import evaluate as ev
+
+Z, Y, X = 8, 24, 32
+
+
+@pytest.fixture(scope="module")
+def model():
+    model = golden_model(presence_shift=5.0)
+    model.config = model.config.replace(tracking_box_margin=0.05)
+    return model
+
+
+@pytest.fixture(scope="module")
+def volume() -> ev.HeldOutVolume:
+    z, y, x = np.mgrid[:Z, :Y, :X]
+    organ = ((z - 4) / 3.5) ** 2 + ((y - 12) / 7) ** 2 + ((x - 15) / 9) ** 2 < 1
+    image = np.where(organ, 60.0, -100.0) + np.random.default_rng(0).normal(0, 10, organ.shape)
+    labels = organ.astype(np.uint8) * 3
+    return ev.HeldOutVolume(
+        "generated", image.astype(np.float32), (2.0, 1.0, 1.0), "ct", labels, {"organ": 3}
+    )
+
+
+def _reference() -> np.ndarray:
+    reference = np.zeros((Z, Y, X), bool)
+    reference[1:7, 6:18, 8:24] = True
+    return reference
+
+
+def _wrong(reference: np.ndarray, errors: dict[int, int]) -> np.ndarray:
+    """``reference`` with ``errors[z]`` voxels flipped on slice z."""
+    wrong = reference.copy()
+    for z, n in errors.items():
+        wrong[z].flat[:n] = ~wrong[z].flat[:n]
+    return wrong
+
+
+def test_the_worst_slice_is_the_one_with_most_differing_voxels_not_yet_corrected():
+    reference = _reference()
+    prediction = _wrong(reference, {2: 5, 5: 40, 6: 12})
+    assert cr.worst_slice(prediction, reference) == 5
+    assert cr.worst_slice(prediction, reference, corrected=[5]) == 6
+    assert cr.worst_slice(prediction, reference, corrected=[5, 6, 2]) is None
+    assert cr.worst_slice(reference, reference) is None
+
+
+def test_a_corrected_slice_holds_the_reference_exactly_whatever_the_method_answers():
+    reference = _reference()
+    wrong = _wrong(reference, {1: 30, 4: 50, 6: 10})
+    seen = []
+
+    def stubborn(corrections):  # ignores every correction
+        seen.append({z: m.copy() for z, m in corrections.items()})
+        return wrong
+
+    curve = cr.correction_curve(stubborn, reference, 2)
+    assert [sorted(c) for c in seen] == [[], [4], [1, 4]]
+    np.testing.assert_array_equal(seen[2][4], reference[4])
+    np.testing.assert_array_equal(seen[2][1], reference[1])
+    fixed = wrong.copy()
+    fixed[4] = reference[4]
+    assert curve[1] == metrics.dice(fixed, reference)
+    fixed[1] = reference[1]
+    assert curve[2] == metrics.dice(fixed, reference)
+
+
+def test_dice_does_not_fall_for_an_oracle_like_segmenter_and_stays_once_nothing_is_left():
+    reference = _reference()
+    errors = {z: 20 + 7 * z for z in range(Z)}
+
+    def oracle(corrections):  # a correction also fixes the slices next to it
+        fixed = {n for z in corrections for n in (z - 1, z, z + 1)}
+        return _wrong(reference, {z: n for z, n in errors.items() if z not in fixed})
+
+    curve = cr.correction_curve(oracle, reference, 6)
+    assert len(curve) == 7
+    assert all(b >= a for a, b in zip(curve, curve[1:]))
+    assert curve[0] < 1.0 and curve[-1] == 1.0
+    assert curve[-2] == curve[-1]  # nothing left to correct: the last value repeats
+
+
+def test_corrections_to_reach_the_target_count_from_zero_and_cap_at_the_tries():
+    assert cr.corrections_to_reach([0.9, 0.95]) == 0
+    assert cr.corrections_to_reach([0.5, 0.8, 0.85, 0.9]) == 2
+    never = [0.5] * 11  # 10 corrections tried
+    assert cr.corrections_to_reach(never) == 11
+    assert cr.corrections_to_reach([0.5, 0.84], target=0.8) == 1
+
+
+def test_a_correction_restarts_the_box_chain_from_its_box_in_both_directions(model, volume):
+    slices = ev.AxialSlices(model, prepare_intensities(volume.image, modality="ct"))
+    reference = volume.mask("organ")
+    start, box = ev.box_on_largest_slice(reference)
+    segment = cr.box_chain_segmenter(slices, start, box)
+    np.testing.assert_array_equal(segment({}), ev.previous_box_chain(slices, start, box))
+
+    corrected = start + 2
+    result = segment({corrected: reference[corrected]})
+    from_prompt = ev.previous_box_chain(slices, start, box, stops={corrected})
+    from_correction = ev.previous_box_chain(slices, corrected, cr._box(reference[corrected]), stops={start})
+    assert not from_prompt[corrected:].any()  # the first chain ends before the corrected slice ...
+    assert not from_correction[start].any()  # ... and the restarted one before the prompt's slice
+    np.testing.assert_array_equal(result, from_prompt | from_correction)
+    # A slice corrected to empty starts nothing and ends the chain there.
+    erased = segment({corrected: np.zeros((Y, X), bool)})
+    assert not erased[corrected:].any()
+    np.testing.assert_array_equal(erased[:corrected], segment({})[:corrected])
+
+
+def test_memory_methods_rerun_with_the_corrections_as_mask_prompts(model, volume, monkeypatch):
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append(list(args[2]))
+        return segment_volume(*args, **kwargs)
+
+    segment_volume = cr.segment_volume
+    monkeypatch.setattr(cr, "segment_volume", recording)
+    reference = volume.mask("organ")
+    start, box = ev.box_on_largest_slice(reference)
+    prompt = Prompt(axis=0, index=start, box=box)
+    segment = cr.memory_segmenter(model, volume, prompt, None, ev.MEMORY_RUNS[ev.METHODS[2]])
+    empty = np.zeros((Y, X), bool)
+    mask = segment({1: reference[1], start: reference[start], 7: empty})
+    assert mask.shape == (Z, Y, X) and mask.dtype == bool
+    # The box on a corrected slice gives way to the drawn mask; an empty slice is no prompt.
+    assert [(p.index, p.box is None) for p in calls[0]] == [(1, True), (start, True)]
+    np.testing.assert_array_equal(calls[0][1].mask, reference[start])
+    segment({})
+    assert [(p.index, p.box is not None) for p in calls[1]] == [(start, True)]
+
+
+def test_evaluation_reports_dice_after_k_corrections_per_method(model, volume):
+    result = ev.evaluate_volume(model, volume, log=lambda message: None, corrections=3)
+    curves = result["corrections"]["organ"]
+    assert list(curves) == list(cr.CORRECTED_METHODS)
+    assert all(len(c) == 4 for c in curves.values())
+    results = {"volumes": {"generated": result}}
+    summary = cr.summarize_corrections(results["volumes"])
+    assert summary["corrections_tried"] == 3
+    assert list(summary["mean_dice_after"][ev.METHODS[0]]) == ["0", "1", "3"]
+    for method, curve in curves.items():
+        needed = summary["to_reach_target"][method]
+        assert needed["per_structure"] == {"generated: organ": cr.corrections_to_reach(curve)}
+        assert needed["never"] == (cr.corrections_to_reach(curve) == 4)
+    results["corrections"] = summary
+    table = ev.markdown(results)
+    assert "Dice after 3" in table and "corrections to Dice 0.85" in table
+    assert "corrections" not in ev.evaluate_volume(model, volume, log=lambda message: None)
+
+
+def test_the_evaluate_command_takes_the_number_of_corrections_off_by_default(tmp_path):
+    from medsam2.train import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["evaluate"]).corrections == 0
+    assert parser.parse_args(["evaluate", "--corrections", "5"]).corrections == 5
+    with pytest.raises(ValueError, match="corrections"):
+        ev.evaluate(tmp_path / "none.safetensors", tmp_path, only=["CTChest4"], corrections=-1)
+
+
+def test_presence_precision_and_recall_count_slices():
+    reference = _reference()  # present on slices 1..6
+    scores = np.array([-1.0, 2.0, 3.0, -0.5, 1.0, 0.0, 4.0, 5.0])  # called present: 1, 2, 4, 6, 7
+    counts = cr.presence_precision_recall(scores, reference)
+    assert counts == {"precision": 4 / 5, "recall": 4 / 6, "slices_called_present": 5, "slices_present": 6}
+    assert cr.presence_precision_recall(np.full(Z, -1.0), reference)["precision"] == 1.0
+
+
+def test_presence_scores_are_the_tracked_object_scores_of_every_slice(model, volume):
+    from medsam2.session import Session
+
+    intensities = prepare_intensities(volume.image, modality="ct")
+    start, box = ev.box_on_largest_slice(volume.mask("organ"))
+    scores = cr.presence_scores(model, intensities, start, box)
+    assert scores.shape == (Z,) and np.isfinite(scores).all()
+    session = Session(model, intensities)
+    session.add_prompt(start, box=box)
+    for _ in session.propagate_low_res(start):
+        pass
+    forward = session.tracks[1].tracked
+    assert [scores[z] for z in sorted(forward)] == [forward[z].object_score for z in sorted(forward)]
