@@ -67,3 +67,21 @@ def replay_scenario(session: medsam2.Session, scenario: list[dict]) -> dict[str,
                 for obj_id, frame_logits in logits.items():
                     out[f"step{step}/frame{t}/obj{obj_id}"] = frame_logits
     return out
+
+
+def box_tracking_model() -> medsam2.SAM2Model:
+    """The tiny model with objects always present, tracking with the previous slice's box as medsam2-lite does."""
+    model = golden_model(presence_shift=5.0)
+    model.config = model.config.replace(tracking_box_margin=0.05)
+    return model
+
+
+def generated_held_out_volume(shape: tuple[int, int, int]):
+    """A held-out volume for the evaluation's tests: an ellipsoid "organ" (label 3) in a noisy CT-like volume."""
+    from medsam2.train.evaluate import HeldOutVolume
+
+    z, y, x = np.mgrid[: shape[0], : shape[1], : shape[2]]
+    organ = ((z - 4) / 3.5) ** 2 + ((y - 12) / 7) ** 2 + ((x - 15) / 9) ** 2 < 1
+    image = np.where(organ, 60.0, -100.0) + np.random.default_rng(0).normal(0, 10, organ.shape)
+    labels = organ.astype(np.uint8) * 3
+    return HeldOutVolume("generated", image.astype(np.float32), (2.0, 1.0, 1.0), "ct", labels, {"organ": 3})

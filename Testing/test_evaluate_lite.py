@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from golden import golden_model
+from golden import box_tracking_model, generated_held_out_volume
 
 from medsam2.preprocess import prepare_intensities
 from medsam2.train import evaluate as ev
@@ -29,20 +29,12 @@ Z, Y, X = 8, 24, 32
 
 @pytest.fixture(scope="module")
 def model():
-    model = golden_model(presence_shift=5.0)
-    model.config = model.config.replace(tracking_box_margin=0.05)
-    return model
+    return box_tracking_model()
 
 
 @pytest.fixture(scope="module")
 def volume() -> ev.HeldOutVolume:
-    z, y, x = np.mgrid[:Z, :Y, :X]
-    organ = ((z - 4) / 3.5) ** 2 + ((y - 12) / 7) ** 2 + ((x - 15) / 9) ** 2 < 1
-    image = np.where(organ, 60.0, -100.0) + np.random.default_rng(0).normal(0, 10, organ.shape)
-    labels = organ.astype(np.uint8) * 3
-    return ev.HeldOutVolume(
-        "generated", image.astype(np.float32), (2.0, 1.0, 1.0), "ct", labels, {"organ": 3}
-    )
+    return generated_held_out_volume((Z, Y, X))
 
 
 def test_previous_box_chain_starts_on_the_prompt_and_stops_at_the_first_empty_slice(model, volume):
