@@ -683,9 +683,10 @@ class MedSAM2SlicerLogic(ScriptedLoadableModuleLogic):
     def segmentation(self):
         """The library's logic (imports PyTorch: use after ``dependencies.ensure``)."""
         if self._segmentation is None:
+            from medsam2.service.local import LocalServer
             from MedSAM2SlicerLib import LocalEngine, SegmentationLogic
 
-            self._localEngine = LocalEngine()
+            self._localEngine = LocalEngine(LocalServer(python=pythonSlicer()))
             self._segmentation = SegmentationLogic(
                 model=DEFAULT_MODEL, device="auto", engine=self._localEngine, history=self.history
             )
@@ -806,6 +807,20 @@ class MedSAM2SlicerLogic(ScriptedLoadableModuleLogic):
         run.job.wait()
         self.finish(p, run)
         return p.segmentID
+
+
+def pythonSlicer() -> str:
+    """Slicer's own Python interpreter, which runs the engine server. Inside Slicer ``sys.executable`` is the
+    Slicer application itself, not a Python (as Slicer's own scripts and lassoan's SlicerMONAIAuto3DSeg find
+    it: ``shutil.which("PythonSlicer")`` on the PATH that Slicer's launcher sets)."""
+    import shutil
+
+    path = shutil.which("PythonSlicer")
+    if path is None:
+        raise RuntimeError(
+            _("Slicer's Python (PythonSlicer) was not found: the MedSAM2 engine cannot start.")
+        )
+    return path
 
 
 def model_choice():

@@ -1,6 +1,7 @@
 """An engine server started as a child process on this computer (Slicer's local mode, tests, scripts).
 
-The child is ``medsam2 serve`` run by ``python`` (in Slicer: PythonSlicer) on a free loopback port, with a
+The child is ``medsam2 serve`` run by ``python`` (default ``sys.executable``; the Slicer module passes
+PythonSlicer, since inside Slicer ``sys.executable`` is the application) on a free loopback port, with a
 random token passed through its environment, watching this process (``--parent-pid``) so that it exits when
 we do, however we end. Its port arrives through a ready file; its output goes to a log file, so that no thread
 of ours has to read a pipe.
