@@ -114,6 +114,8 @@ class ModelConfig:
     # Tracked slices prompted with the box of the previous slice's mask, grown on each side by this fraction
     # of its longer side (at least 2 px); None: SAM 2's prompt-free tracking. For a decoder trained on boxes.
     tracking_box_margin: float | None = None
+    # A presence head (medsam2.model.presence) judges each tracked frame's region against the prompted ones.
+    presence_head: bool = False
 
     # SAM 2.1 additions.
     no_obj_embed_spatial: bool = True
@@ -191,6 +193,7 @@ def _medsam2_lite() -> ModelConfig:
         memory_attention_pool=4,
         memory_fuser_layers=1,
         tracking_box_margin=0.05,
+        presence_head=True,
         **_SAM21_FLAGS,
     )
 

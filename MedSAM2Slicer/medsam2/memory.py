@@ -70,7 +70,8 @@ class FrameRecord:
 
     ``low_res_logits``: ``[1, 1, 4h, 4w]``; ``obj_ptr``: ``[1, C]``; ``object_score``: logit of presence;
     ``iou``: predicted IoU of the chosen mask (the confidence); ``descriptor``: unit vector describing the
-    frame's image, for the self-sorting bank.
+    frame's image, for the self-sorting bank; ``region``: ``[1, C]`` descriptor of the predicted mask's
+    region (models with a presence head).
     """
 
     frame: int
@@ -80,6 +81,7 @@ class FrameRecord:
     iou: float
     memory: Memory | None = None
     descriptor: torch.Tensor | None = None
+    region: torch.Tensor | None = None
 
     @property
     def present(self) -> bool:
@@ -150,7 +152,7 @@ class RecentFrames:
             rec = track.tracked.get(other)
             if rec is not None:
                 pointers.append((distance, rec.obj_ptr))
-        return MemoryContext(frames, pointers, pointer_range)
+        return MemoryContext(frames, pointers, pointer_range, _prompted_regions(track))
 
     def observe(self, track: ObjectTrack, record: FrameRecord) -> None:
         """Called after a frame is tracked; the recent rule keeps no state of its own."""
@@ -192,7 +194,7 @@ class SelfSortingBank(RecentFrames):
             pointers.append(
                 (max(-pointer_range, min(pointer_range, (frame - rec.frame) * sign)), rec.obj_ptr)
             )
-        return MemoryContext(frames, pointers, pointer_range)
+        return MemoryContext(frames, pointers, pointer_range, _prompted_regions(track))
 
     def draw(
         self, bank: list[FrameRecord], descriptor: torch.Tensor | None, generator: torch.Generator
@@ -254,6 +256,10 @@ def _conditioning_pointers(
             distance = (frame - t) * sign if config.proj_tpos_enc_in_obj_ptrs else abs(frame - t)
             pointers.append((distance, rec.obj_ptr))
     return pointers
+
+
+def _prompted_regions(track: ObjectTrack) -> list[torch.Tensor]:
+    return [rec.region for rec in track.conditioning.values() if rec.region is not None]
 
 
 def make_policy(config: ModelConfig, options: MemoryOptions) -> RecentFrames | SelfSortingBank:

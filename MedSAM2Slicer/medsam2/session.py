@@ -267,7 +267,8 @@ class Session:
             yield t, out
 
     def _track_frame(self, track: ObjectTrack, t: int, reverse: bool) -> FrameRecord:
-        previous = self._tracking_neighbour(track, t, reverse)
+        neighbour = self._tracking_neighbour(track, t, reverse)
+        previous = None if neighbour is None else neighbour.low_res_logits
         guide = track.guides.get(t)
         lost = self.model.lost_objects(previous)
         if guide is None and lost is not None and bool(lost.all()):
@@ -277,7 +278,8 @@ class Session:
             return record
         features = self._frame_features(t)
         context = self.policy.context(track, t, reverse, self.num_frames, self._descriptors.get(t))
-        prediction = self.model.track(features, context, previous, guide=guide)
+        region = None if neighbour is None else neighbour.region
+        prediction = self.model.track(features, context, previous, guide=guide, previous_region=region)
         record = self._record(t, prediction)
         track.tracked[t] = record
         self.policy.observe(track, record)
@@ -287,8 +289,8 @@ class Session:
             )
         return record
 
-    def _tracking_neighbour(self, track: ObjectTrack, t: int, reverse: bool) -> torch.Tensor | None:
-        """For models that track with a box, the logits its box comes from: the neighbour just processed, or
+    def _tracking_neighbour(self, track: ObjectTrack, t: int, reverse: bool) -> FrameRecord | None:
+        """For models that track with a box, the result its box comes from: the neighbour just processed, or
         for unrelated images the nearest prompted frame."""
         if self.model.config.tracking_box_margin is None:
             return None
@@ -298,7 +300,7 @@ class Session:
         else:
             nearest = min(track.conditioning, key=lambda c: abs(c - t), default=None)
             record = None if nearest is None else track.conditioning[nearest]
-        return None if record is None else record.low_res_logits
+        return record
 
     def _commit_prompts(self) -> None:
         """Encode the memory of frames prompted since the last propagation and make them conditioning frames."""
@@ -366,6 +368,7 @@ class Session:
             object_score=float(prediction.object_score.reshape(-1)[0]),
             iou=float(prediction.iou.reshape(-1)[0]),
             descriptor=self._descriptors.get(t),
+            region=prediction.region,
         )
 
     def _memory(

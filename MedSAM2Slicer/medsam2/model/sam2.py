@@ -7,7 +7,7 @@ memory policy in ``medsam2.memory``), which hands over a :class:`MemoryContext`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +15,7 @@ from torch import nn
 
 from ..configs import ModelConfig
 from .common import MLP
+from .presence import PresenceHead, mask_area, region_descriptor
 
 # Logit given to every pixel of an object predicted absent (sigmoid of it is 0).
 NO_OBJECT_LOGIT = -1024.0
@@ -67,12 +68,15 @@ class MemoryContext:
 
     ``frames``: (memory, temporal slot) pairs, where slot ``num_maskmem - 1`` marks a prompted frame and slot
     ``d - 1`` a frame ``d`` steps away. ``pointers``: (signed frame distance, object pointer ``[B, C]``) pairs.
-    ``pointer_range``: the distance that maps to 1 in the pointers' temporal encoding.
+    ``pointer_range``: the distance that maps to 1 in the pointers' temporal encoding. ``regions``: the
+    object's region descriptors ``[B, C]`` on its prompted frames, for a model with a presence head
+    (:mod:`medsam2.model.presence`).
     """
 
     frames: list[tuple[Memory, int]]
     pointers: list[tuple[int, torch.Tensor]]
     pointer_range: int
+    regions: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -84,7 +88,8 @@ class MaskPrediction:
     present. When the decoder ran, ``candidate_logits`` ``[B, M, 4h, 4w]`` and ``candidate_ious`` ``[B, M]``
     hold all its masks (M = 3 for an ambiguous prompt, else 1), before an absent object's no-object fill, so
     that training can teach the masks while the object score is still wrong. ``lost``: ``[B]`` True for the
-    objects a box-tracking model had lost, for which nothing was decoded (``None``: none).
+    objects a box-tracking model had lost, for which nothing was decoded (``None``: none). ``region``: ``[B, C]``
+    descriptor of the predicted mask's region, for a model with a presence head (else ``None``).
     """
 
     low_res_logits: torch.Tensor
@@ -95,6 +100,7 @@ class MaskPrediction:
     candidate_logits: torch.Tensor | None = None
     candidate_ious: torch.Tensor | None = None
     lost: torch.Tensor | None = None
+    region: torch.Tensor | None = None
 
 
 def _pooled(x: torch.Tensor, pool: int) -> torch.Tensor:
@@ -152,6 +158,7 @@ class SAM2Model(nn.Module):
         self.sam_mask_decoder = mask_decoder
         self.obj_ptr_proj = MLP(c, c, c, num_layers=3)
         self.obj_ptr_tpos_proj = nn.Linear(c, mem) if config.proj_tpos_enc_in_obj_ptrs else None
+        self.presence_head = PresenceHead() if config.presence_head else None
         # Reduced-precision dtype for CUDA autocast at inference, or None for float32 (set by load_model).
         self.autocast_dtype: torch.dtype | None = None
 
@@ -279,12 +286,16 @@ class SAM2Model(nn.Module):
         refined by new clicks. Without any prompt the frame is tracked from ``context``.
         """
         if mask is not None:
-            return self._mask_as_prediction(features, mask)
-        embedding = self.attend_memory(features, context)
-        num_points = 0 if points is None else points[1].shape[1]
-        # One click (or none, while tracking) is ambiguous: take the best of the three candidate masks.
-        multimask = num_points <= 1
-        return self._decode(embedding, features.high_res, points, previous_logits, multimask)
+            prediction = self._mask_as_prediction(features, mask)
+        else:
+            embedding = self.attend_memory(features, context)
+            num_points = 0 if points is None else points[1].shape[1]
+            # One click (or none, while tracking) is ambiguous: take the best of the three candidate masks.
+            multimask = num_points <= 1
+            prediction = self._decode(embedding, features.high_res, points, previous_logits, multimask)
+        if self.presence_head is not None:
+            prediction.region = region_descriptor(features.embedding, prediction.low_res_logits)
+        return prediction
 
     def track(
         self,
@@ -292,22 +303,59 @@ class SAM2Model(nn.Module):
         context: MemoryContext | None,
         previous_logits: torch.Tensor | None,
         guide: torch.Tensor | None = None,
+        previous_region: torch.Tensor | None = None,
     ) -> MaskPrediction:
         """Predict a tracked frame from ``context`` and, for a box-tracking model, the previous frame's logits
         ``[B, 1, H, W]`` (see :meth:`tracking_prompt`); objects that model has lost get :meth:`lost_prediction`.
 
         ``guide``: box corners ``[B, 2, 2]`` (input pixels) from an earlier pass over the same data, which a
         box-tracking model is prompted with (grown by its margin) instead of the previous frame's box; an
-        object with a guide is never lost. Models that track from memory alone ignore it."""
+        object with a guide is never lost. Models that track from memory alone ignore it.
+
+        A model with a presence head also judges whether each object is still there (:meth:`judge_presence`)
+        against the prompted frames' regions in ``context`` and the previous frame's ``previous_region``
+        ``[B, C]``; an object judged absent gets an empty mask, so a box-tracking model loses it there."""
         if guide is not None and self.config.tracking_box_margin is not None:
             return self.predict(features, context, points=self._grown_box(guide.reshape(-1, 4).unbind(1)))
         lost = self.lost_objects(previous_logits)
         if lost is not None and bool(lost.all()):
             return self.lost_prediction(len(lost))
         prediction = self.predict(features, context, points=self.tracking_prompt(previous_logits))
+        if self.presence_head is not None and context is not None and context.regions:
+            prediction = self.judge_presence(prediction, context.regions, previous_logits, previous_region)
         if lost is None or not bool(lost.any()):
             return prediction
         return _replace_rows(prediction, self.lost_prediction(len(lost)), lost)
+
+    def judge_presence(
+        self,
+        prediction: MaskPrediction,
+        prompted_regions: list[torch.Tensor],
+        previous_logits: torch.Tensor | None,
+        previous_region: torch.Tensor | None,
+    ) -> MaskPrediction:
+        """``prediction`` with its object score lowered to the presence head's logit where that is lower; an
+        object now scored absent gets the no-object mask and pointer (its candidates stay for training)."""
+        cues = PresenceHead.cues(
+            prediction.region,
+            prompted_regions,
+            previous_region,
+            prediction.iou,
+            mask_area(prediction.low_res_logits),
+            None if previous_logits is None else mask_area(previous_logits),
+        )
+        score = torch.minimum(prediction.object_score, self.presence_head(cues).to(prediction.object_score))
+        absent = (score <= 0).reshape(-1)
+        prediction.object_score = score
+        if not bool(absent.any()):
+            return prediction
+        rows = absent.view(-1, 1, 1, 1)
+        prediction.low_res_logits = prediction.low_res_logits.masked_fill(rows, NO_OBJECT_LOGIT)
+        prediction.high_res_logits = prediction.high_res_logits.masked_fill(rows, NO_OBJECT_LOGIT)
+        present = (~absent).to(prediction.obj_ptr.dtype)[:, None]
+        prediction.obj_ptr = self._pointer_for_presence(prediction.obj_ptr, present)
+        prediction.region = prediction.region.masked_fill(absent[:, None], 0.0)
+        return prediction
 
     def lost_objects(self, previous_logits: torch.Tensor | None) -> torch.Tensor | None:
         """``[B]`` True for the objects a box-tracking model has lost: their previous mask is empty, so there

@@ -3,6 +3,7 @@
     medsam2 train prepare  --workdir W [--budget N]     resample the sources, cache TinyViT features
     medsam2 train run      --workdir W [--steps N] [--minutes M]   train (resumes from W/checkpoint.pt)
     medsam2 train export   --workdir W [--out FILE]     write the shipped weights + provenance JSON
+    medsam2 train presence --workdir W [--weights FILE]   fit the presence head (``.presence``) into them
     medsam2 train evaluate [--weights FILE] [--out F] [--only NAME] [--corrections K]   held-out volumes:
                            methods (i)-(v), 2D one-prompt, Dice after k simulated corrections
 
@@ -160,6 +161,24 @@ def _means(records: list[dict]) -> dict[str, float]:
     return {k: round(sum(r[k] for r in records) / max(len(records), 1), 4) for k in keys}
 
 
+def cmd_presence(args: argparse.Namespace) -> int:
+    from .evaluate import load_models
+    from .presence import SPACING_MM, collect, fit, head_off_errors, write_head
+
+    log = _log(args.workdir)
+    model, _ = load_models(args.weights, args.litemedsam)
+    runs = []
+    for source in args.sources:
+        runs += collect(model, source, args.data_dir, args.workdir, axes=tuple(args.axes), log=log)
+    weight, bias, report = fit(runs, early_stop_rate=args.early_stop_rate)
+    report["stop_error_slices_head_off"] = head_off_errors(runs)
+    report["sources"] = {s: f"{SPACING_MM[s]:g} mm isotropic, axes {list(args.axes)}" for s in args.sources}
+    log(f"presence: {json.dumps(report)}")
+    out = write_head(args.weights, args.out or args.weights, weight, bias, report)
+    log(f"wrote {out}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, markdown
 
@@ -221,6 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evaluation", type=Path, default=None, help="JSON from `evaluate` to record")
     p.add_argument("--run-command", default=None, help="the `run` command line, recorded as given")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("presence", help="fit the presence head on tracking runs past structures' ends")
+    common(p)
+    p.add_argument("--weights", type=Path, default=PACKAGE_WEIGHTS_DIR / TRAINED_FILENAME)
+    p.add_argument("--out", type=Path, default=None, help="weights file to write (default: --weights)")
+    p.add_argument("--axes", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--early-stop-rate", type=float, default=0.1, help="runs allowed to stop before the end")
+    p.set_defaults(func=cmd_presence)
 
     p = sub.add_parser(
         "evaluate", help="held-out volumes: methods (i)-(v) per structure, and 2D one-prompt segmentation"

@@ -45,7 +45,14 @@ from .sequences import SequenceSampler
 from .step import run_sequence
 
 _NEW_DECODER_PARTS = ("sam_mask_decoder.pred_obj_score_head.",)
-_FROZEN_PREFIXES = ("image_encoder.", "sam_prompt_encoder.", "sam_mask_decoder.", "no_mem_embed")
+# The presence head is fitted on its own, after training (medsam2.train.presence).
+_FROZEN_PREFIXES = (
+    "image_encoder.",
+    "sam_prompt_encoder.",
+    "sam_mask_decoder.",
+    "no_mem_embed",
+    "presence_head.",
+)
 # The new object-score head starts out calling every object present (sigmoid(3) = 0.95), the decoder's own
 # behaviour, and learns from there when an object has ended.
 INITIAL_OBJECT_LOGIT = 3.0

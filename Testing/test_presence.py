@@ -1,0 +1,127 @@
+"""The presence head (medsam2.model.presence) in tracking, and its fitting (medsam2.train.presence)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from golden import box_tracking_model
+
+import medsam2
+from medsam2.model.presence import CUE_NAMES, PresenceHead, region_descriptor
+from medsam2.train.presence import Run, fit, head_off, load_runs, save_runs, stop_errors
+
+T, H, W = 8, 24, 24
+
+
+def test_region_descriptor_averages_the_embedding_under_the_mask():
+    embedding = torch.zeros(2, 3, 4, 4)
+    embedding[:, 0, :2, :2] = 2.0  # the top-left quarter points along channel 0
+    embedding[:, 1, 2:, 2:] = 5.0  # the bottom-right one along channel 1
+    logits = -torch.ones(2, 1, 16, 16)
+    logits[0, 0, :8, :8] = 1.0
+    logits[1, 0, 8:, 8:] = 1.0
+    descriptor = region_descriptor(embedding, logits)
+    torch.testing.assert_close(descriptor, torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]))
+    assert region_descriptor(embedding, -torch.ones(1, 1, 16, 16))[0].abs().sum() == 0
+
+
+def test_cues_take_the_most_similar_prompt_and_stand_in_for_a_missing_previous_frame():
+    descriptor = torch.tensor([[1.0, 0.0]])
+    prompts = [torch.tensor([[0.0, 1.0]]), torch.tensor([[0.6, 0.8]])]
+    cues = PresenceHead.cues(descriptor, prompts, None, torch.tensor([0.9]), torch.tensor([99.0]), None)
+    torch.testing.assert_close(cues, torch.tensor([[0.6, 0.6, 0.9, 0.0]]))
+    cues = PresenceHead.cues(
+        descriptor,
+        prompts,
+        torch.tensor([[0.0, 1.0]]),
+        torch.tensor([0.5]),
+        torch.tensor([49.0]),
+        torch.tensor([99.0]),
+    )
+    torch.testing.assert_close(cues, torch.tensor([[0.6, 0.0, 0.5, float(np.log(0.5))]]))
+
+
+def _frames() -> np.ndarray:
+    frames = np.full((T, H, W), 0.1, np.float32)
+    frames[:, 6:16, 5:17] = 0.9
+    return frames
+
+
+def _with_head(model: medsam2.SAM2Model, weight: list[float], bias: float) -> medsam2.SAM2Model:
+    model.config = model.config.replace(presence_head=True)
+    model.presence_head = PresenceHead()
+    with torch.no_grad():
+        model.presence_head.weight.copy_(torch.tensor(weight))
+        model.presence_head.bias.fill_(bias)
+    return model
+
+
+def _track(model: medsam2.SAM2Model) -> tuple[dict[int, np.ndarray], medsam2.Session]:
+    session = medsam2.Session(model, _frames())
+    session.add_prompt(0, box=(5, 6, 17, 16))
+    return {t: logits[1] for t, logits in session.propagate()}, session
+
+
+def test_a_head_that_calls_everything_present_changes_nothing():
+    plain, _ = _track(box_tracking_model())
+    judged, session = _track(_with_head(box_tracking_model(), [0.0] * len(CUE_NAMES), 10.0))
+    for t in range(T):
+        np.testing.assert_array_equal(plain[t], judged[t])
+    assert all(session.tracks[1].tracked[t].region is not None for t in range(1, T))
+
+
+def test_an_object_judged_absent_ends_the_box_chain():
+    """The first tracked frame is judged absent (its similarity to the prompt is below the head's threshold):
+    its mask is emptied and its pointer is the no-object one, and the box chain has lost it after that."""
+    model = _with_head(box_tracking_model(), [1.0, 0.0, 0.0, 0.0], -2.0)  # similarity is at most 1
+    results, session = _track(model)
+    assert (results[0] > 0).any()
+    track = session.tracks[1]
+    assert track.tracked[1].object_score <= -1.0
+    torch.testing.assert_close(track.tracked[1].obj_ptr, model.no_obj_ptr)
+    for t in range(1, T):
+        assert (results[t] <= 0).all()
+
+
+def _synthetic_runs(rng: np.random.Generator, n: int = 60) -> list[Run]:
+    """Runs whose first cue is high while the structure is there and low after its end."""
+    runs = []
+    for i in range(n):
+        inside, past = int(rng.integers(3, 12)), 4
+        present = np.r_[np.ones(inside, bool), np.zeros(past, bool)]
+        cues = rng.normal(0, 0.05, (len(present), len(CUE_NAMES)))
+        cues[:, 0] += np.where(present, 0.9, 0.4)
+        runs.append(Run("synthetic", f"s{i}", 0, bool(i % 2), cues, present))
+    return runs
+
+
+def test_fit_learns_the_separating_cue_and_stops_runs_at_the_end():
+    runs = _synthetic_runs(np.random.default_rng(0))
+    weight, bias, report = fit(runs, early_stop_rate=0.05)
+    assert weight[0] > 5 * np.abs(weight[1:]).max()
+    errors = stop_errors(runs, weight, bias)
+    assert (errors < 0).mean() <= 0.05
+    assert (errors == 0).mean() > 0.9
+    assert report["stop_error_slices"]["within_2"] > 0.9
+    # The head switched off lets every run go on to its last slice.
+    assert (stop_errors(runs, np.zeros(len(CUE_NAMES)), 10.0) == 4).all()
+
+
+def test_runs_round_trip_through_a_plain_npz(tmp_path):
+    runs = _synthetic_runs(np.random.default_rng(1), n=5)
+    save_runs(tmp_path / "runs.npz", runs)
+    loaded = load_runs(tmp_path / "runs.npz")
+    assert [(r.structure, r.reverse) for r in loaded] == [(r.structure, r.reverse) for r in runs]
+    for a, b in zip(loaded, runs):
+        np.testing.assert_array_equal(a.cues, b.cues)
+        np.testing.assert_array_equal(a.present, b.present)
+
+
+def test_head_off_records_the_cues_and_restores_the_head():
+    model = _with_head(box_tracking_model(), [1.0, 0.0, 0.0, 0.0], -2.0)
+    with head_off(model) as captured:
+        results, _ = _track(model)
+    assert len(captured) == T - 1 and captured[0].shape == (1, len(CUE_NAMES))
+    assert all((results[t] > 0).any() for t in range(T))  # nothing was called absent meanwhile
+    assert model.presence_head.bias.item() == pytest.approx(-2.0)
