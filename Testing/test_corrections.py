@@ -166,26 +166,3 @@ def test_the_evaluate_command_takes_the_number_of_corrections_off_by_default(tmp
     assert parser.parse_args(["evaluate", "--corrections", "5"]).corrections == 5
     with pytest.raises(ValueError, match="corrections"):
         ev.evaluate(tmp_path / "none.safetensors", tmp_path, only=["CTChest4"], corrections=-1)
-
-
-def test_presence_precision_and_recall_count_slices():
-    reference = _reference()  # present on slices 1..6
-    scores = np.array([-1.0, 2.0, 3.0, -0.5, 1.0, 0.0, 4.0, 5.0])  # called present: 1, 2, 4, 6, 7
-    counts = cr.presence_precision_recall(scores, reference)
-    assert counts == {"precision": 4 / 5, "recall": 4 / 6, "slices_called_present": 5, "slices_present": 6}
-    assert cr.presence_precision_recall(np.full(Z, -1.0), reference)["precision"] == 1.0
-
-
-def test_presence_scores_are_the_tracked_object_scores_of_every_slice(model, volume):
-    from medsam2.session import Session
-
-    intensities = prepare_intensities(volume.image, modality="ct")
-    start, box = ev.box_on_largest_slice(volume.mask("organ"))
-    scores = cr.presence_scores(model, intensities, start, box)
-    assert scores.shape == (Z,) and np.isfinite(scores).all()
-    session = Session(model, intensities)
-    session.add_prompt(start, box=box)
-    for _ in session.propagate_low_res(start):
-        pass
-    forward = session.tracks[1].tracked
-    assert [scores[z] for z in sorted(forward)] == [forward[z].object_score for z in sorted(forward)]

@@ -3,8 +3,9 @@
     medsam2 train prepare  --workdir W [--budget N]     resample the sources, cache TinyViT features
     medsam2 train run      --workdir W [--steps N] [--minutes M]   train (resumes from W/checkpoint.pt)
     medsam2 train export   --workdir W [--out FILE]     write the shipped weights + provenance JSON
-    medsam2 train evaluate [--weights FILE] [--out F] [--only NAME] [--corrections K]   held-out volumes:
-                           methods (i)-(v), 2D one-prompt, Dice after k simulated corrections
+    medsam2 train evaluate [--weights FILE] [--out F] [--only NAME] [--corrections K] [--presence]
+                           held-out volumes: methods (i)-(v), 2D one-prompt, Dice after k simulated
+                           corrections, the presence head's per-slice precision and recall
 
 Data, held-out split and cache: ``medsam2.train.data``; sequences and prompts: ``.sequences``; the tracking
 pass and losses: ``.step``; optimiser, schedule and checkpoints: ``.trainer``.
@@ -170,6 +171,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         jobs=args.jobs,
         only=args.only,
         corrections=args.corrections,
+        presence=args.presence,
     )
     results["weights"] = str(args.weights)
     table = markdown(results)
@@ -244,6 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         metavar="K",
         help="also correct (i)-(iv) up to K times each, as a simulated user (0: off); see medsam2.train.corrections",
+    )
+    p.add_argument(
+        "--presence",
+        action="store_true",
+        help="also measure the presence head's per-slice precision and recall (see medsam2.train.extent;"
+        " one more axial encoding of each volume per window)",
     )
     p.set_defaults(func=cmd_evaluate)
     return parser

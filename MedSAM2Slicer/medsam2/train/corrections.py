@@ -211,38 +211,3 @@ def corrections_markdown(summary: dict) -> str:
         cells = [f"{summary['mean_dice_after'][m][n]:.3f}" for n in steps]
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {reach['mean']:.1f}{never} |")
     return "\n".join(lines) + "\n"
-
-
-# ------------------------------------------------------------------ the presence head on its own
-
-
-def presence_scores(
-    model: SAM2Model, intensities: np.ndarray, index: int, box: tuple[int, ...]
-) -> np.ndarray:
-    """The object score (presence logit) on every axial slice of prepared ``intensities`` ``[Z, Y, X]``, the
-    object prompted by ``box`` on slice ``index`` and tracked through every slice in both directions with
-    nothing stopping early: ``[Z]`` float."""
-    from ..session import Session
-
-    session = Session(model, intensities)
-    session.add_prompt(index, box=box)
-    for reverse in (False, True):
-        for _ in session.propagate_low_res(index, reverse=reverse):
-            pass
-    track = session.tracks[1]
-    return np.array(
-        [{**track.tracked, **track.conditioning}[z].object_score for z in range(len(intensities))]
-    )
-
-
-def presence_precision_recall(scores: np.ndarray, reference: np.ndarray) -> dict[str, float]:
-    """Per-slice precision and recall of "object present" (``scores`` ``[Z]`` > 0) against the slices where
-    ``reference`` ``[Z, Y, X]`` holds the object; precision is 1.0 when no slice is called present."""
-    called, present = np.asarray(scores) > 0, reference.any(axis=(1, 2))
-    hits = int((called & present).sum())
-    return {
-        "precision": hits / int(called.sum()) if called.any() else 1.0,
-        "recall": hits / int(present.sum()) if present.any() else 1.0,
-        "slices_called_present": int(called.sum()),
-        "slices_present": int(present.sum()),
-    }

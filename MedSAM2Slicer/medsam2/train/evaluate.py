@@ -31,6 +31,10 @@ volume and modality). Baseline: the template's box, scaled, on every image, with
 
 The structures of a volume that share a window are segmented together (several objects in one call), and
 every method gets the same prepared intensities.
+
+With ``presence``, the presence head is also judged on its own (:mod:`.extent`): from the same prompt, the
+object score on every axial slice of a both-ways propagation that nothing stops, and its per-slice precision
+and recall of "object present" against the reference's slices.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ from ..model.sam2 import ImageFeatures, SAM2Model
 from ..preprocess import prepare_intensities
 from ..prompts import Prompt
 from ..volume import segment_volume
+from .extent import pooled_presence, presence_precision_recall, presence_scores
 
 TOTALSEG_SDIST = "totalsegmentator-2.18.0.tar.gz"
 _TOTALSEG_FILES = "totalsegmentator-2.18.0/tests/reference_files/"
@@ -104,6 +109,9 @@ METHODS = (
     "(iv) no memory, previous box",
     "(v) reference box every slice",
 )
+
+# The presence head on its own, timed with the methods (:mod:`.extent`).
+PRESENCE = "presence"
 
 # The options of segment_volume that make methods (i)-(iii).
 MEMORY_RUNS = {
@@ -334,20 +342,23 @@ def evaluate_volume(
     baseline: SAM2Model | None = None,
     log=print,
     corrections: int = 0,
+    presence: bool = False,
 ) -> dict:
     """Dice / HD95 per structure and method, and seconds per method, for one held-out volume.
 
     ``baseline``: the model of the no-memory methods (iv) and (v) (default: ``model``). ``corrections`` > 0
-    adds the Dice of (i)-(iv) after 0..``corrections`` simulated corrections (:mod:`.corrections`)."""
+    adds the Dice of (i)-(iv) after 0..``corrections`` simulated corrections (:mod:`.corrections`).
+    ``presence`` adds the presence head's per-slice precision and recall per structure (:mod:`.extent`)."""
     names = list(volume.structures)
     references = {name: volume.mask(name) for name in names}
     masks: dict[str, dict[str, np.ndarray]] = {m: {} for m in METHODS}
     seconds = dict.fromkeys(METHODS, 0.0)
+    found: dict[str, dict] | None = {} if presence else None
     encoder_stats = {"encoded": 0, "reused": 0}
     for window in dict.fromkeys(volume.window(n) for n in names):
         group = [n for n in names if volume.window(n) == window]
         stats = _evaluate_group(
-            model, baseline or model, volume, group, window, references, masks, seconds, log
+            model, baseline or model, volume, group, window, references, masks, seconds, log, found
         )
         encoder_stats = {k: v + stats[k] for k, v in encoder_stats.items()}
     scores = {
@@ -369,6 +380,8 @@ def evaluate_volume(
         "encoder": encoder_stats,
         "windows": {n: volume.window(n) for n in names},
     }
+    if found is not None:
+        out["presence"] = found
     if corrections:
         from .corrections import volume_corrections
 
@@ -386,9 +399,11 @@ def _evaluate_group(
     masks: dict[str, dict[str, np.ndarray]],
     seconds: dict[str, float],
     log,
+    presence: dict[str, dict] | None = None,
 ) -> dict[str, int]:
     """Every method on the structures ``names`` (segmented together, in ``window``): adds their masks and
-    the seconds taken to ``masks`` / ``seconds``; returns the shared encoder's statistics."""
+    the seconds taken to ``masks`` / ``seconds``, and each structure's presence figures to ``presence``
+    unless it is ``None``; returns the shared encoder's statistics."""
     prompts = []
     for obj_id, name in enumerate(names, start=1):
         index, box = box_on_largest_slice(references[name])
@@ -411,6 +426,18 @@ def _evaluate_group(
         masks[method].update({n: run(p, n) for p, n in zip(prompts, names)})
         seconds[method] += time.perf_counter() - started
         log(f"  {volume.name} ({window or volume.modality}): {method} in {seconds[method]:.0f} s")
+    if presence is not None:
+        started = time.perf_counter()
+        with shared_encoder(model) as stats:
+            for p, n in zip(prompts, names):
+                scores = presence_scores(model, intensities, p.index, tuple(p.box))
+                presence[n] = {
+                    **presence_precision_recall(scores, references[n]),
+                    "object_scores": [round(float(s), 3) for s in scores],
+                }
+        seconds[PRESENCE] = seconds.get(PRESENCE, 0.0) + time.perf_counter() - started
+        log(f"  {volume.name} ({window or volume.modality}): presence in {seconds[PRESENCE]:.0f} s")
+        encoder_stats = {k: v + stats[k] for k, v in encoder_stats.items()}
     return dict(encoder_stats)
 
 
@@ -482,12 +509,23 @@ def summarize(results: dict) -> dict:
         volume: {m: round(float(np.mean([s[m]["dice"] for s in v["scores"].values()])), 4) for m in METHODS}
         for volume, v in results["volumes"].items()
     }
-    return {
+    summary = {
         "mean_dice": mean,
         "mean_dice_by_volume": by_volume,
         "i_minus_iv": gain,
         "i_loses_on": [k for k, d in gain.items() if d < 0],
     }
+    presence = {
+        volume: [v["presence"][name] for name in v["scores"]]
+        for volume, v in results["volumes"].items()
+        if "presence" in v
+    }
+    if presence:
+        summary["presence"] = {
+            "by_volume": {volume: pooled_presence(rows) for volume, rows in presence.items()},
+            "all": pooled_presence([r for rows in presence.values() for r in rows]),
+        }
+    return summary
 
 
 ONE_PROMPT_JOB = "2D one-prompt"
@@ -521,7 +559,13 @@ def exit_with_parent(parent_pid: int, poll_seconds: float = 1.0) -> None:
 
 
 def _run_job(
-    job: str, weights: Path, litemedsam: str | Path | None, data_dir: Path, corrections: int, threads: int
+    job: str,
+    weights: Path,
+    litemedsam: str | Path | None,
+    data_dir: Path,
+    corrections: int,
+    presence: bool,
+    threads: int,
 ) -> dict:
     """One volume's evaluation, or the 2D one-prompt setting (a worker process's whole task)."""
     torch.set_num_threads(threads)
@@ -531,7 +575,9 @@ def _run_job(
         started = time.perf_counter()
         return {"rows": one_prompt_2d(model, volumes, baseline), "seconds": time.perf_counter() - started}
     volume = next(v for v in volumes if v.name == job)
-    return evaluate_volume(model, volume, baseline, log=lambda message: None, corrections=corrections)
+    return evaluate_volume(
+        model, volume, baseline, log=lambda message: None, corrections=corrections, presence=presence
+    )
 
 
 def evaluate(
@@ -542,13 +588,15 @@ def evaluate(
     only: list[str] | None = None,
     log=print,
     corrections: int = 0,
+    presence: bool = False,
 ) -> dict:
     """The held-out evaluation of the trained ``weights`` (see the module docstring): every volume and the
     2D setting, or the ``only`` ones (volume names, :data:`ONE_PROMPT_JOB`).
 
     ``jobs`` > 1 evaluates the volumes (and the 2D setting) in that many processes of one thread each; the
     seconds per method are then those of a process sharing the machine. ``corrections`` > 0 adds the
-    simulated user's corrections (:mod:`.corrections`).
+    simulated user's corrections (:mod:`.corrections`); ``presence`` the presence head's per-slice precision
+    and recall (:mod:`.extent`).
     """
     if corrections < 0:
         raise ValueError(f"corrections must be 0 (off) or more, got {corrections}")
@@ -558,7 +606,7 @@ def evaluate(
         if unknown:
             raise ValueError(f"unknown evaluation part {unknown}; choose from {names}")
         names = [n for n in names if n in only]
-    args = (weights, litemedsam, data_dir, corrections)
+    args = (weights, litemedsam, data_dir, corrections, presence)
     if jobs > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -588,6 +636,24 @@ def evaluate(
     return results
 
 
+def _presence_markdown(presence: dict) -> str:
+    """The presence head's per-slice precision / recall of "object present" per volume and overall."""
+    lines = [
+        "Presence head on its own (object score > 0 on each axial slice, tracked from the prompt in both"
+        " directions with nothing stopping):",
+        "",
+        "| volume | structures | mean precision | mean recall | pooled precision | pooled recall |",
+        "|---|---|---|---|---|---|",
+    ]
+    rows = [*presence["by_volume"].items(), ("**all**", presence["all"])]
+    for volume, p in rows:
+        lines.append(
+            f"| {volume} | {p['structures']} | {p['mean_precision']:.3f} | {p['mean_recall']:.3f} |"
+            f" {p['pooled_precision']:.3f} | {p['pooled_recall']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def markdown(results: dict) -> str:
     """The per-structure Dice / HD95 table, the means and timings, and the 2D one-prompt table."""
     short = [m.split(")")[0] + ")" for m in METHODS]
@@ -601,10 +667,16 @@ def markdown(results: dict) -> str:
             lines.append(f"| {volume} | mean Dice | " + " | ".join(f"{mean[m]:.3f}" for m in METHODS) + " |")
         mean = results["summary"]["mean_dice"]
         lines.append("| **mean Dice** | | " + " | ".join(f"**{mean[m]:.3f}**" for m in METHODS) + " |")
+    parts = list(METHODS) + (
+        [PRESENCE] if any(PRESENCE in v["seconds"] for v in results["volumes"].values()) else []
+    )
     lines += ["", "Seconds per volume (all its structures together):", ""]
-    lines += ["| volume | " + " | ".join(short) + " |", "|---|" + "---|" * len(METHODS)]
+    lines += ["| volume | " + " | ".join(short + parts[len(METHODS) :]) + " |", "|---|" + "---|" * len(parts)]
     for volume, v in results["volumes"].items():
-        lines.append(f"| {volume} | " + " | ".join(f"{v['seconds'][m]:.0f}" for m in METHODS) + " |")
+        cells = [f"{v['seconds'][m]:.0f}" if m in v["seconds"] else "" for m in parts]
+        lines.append(f"| {volume} | " + " | ".join(cells) + " |")
+    if "presence" in results.get("summary", {}):
+        lines += ["", _presence_markdown(results["summary"]["presence"]).rstrip("\n")]
     if results.get("corrections"):
         from .corrections import corrections_markdown
 
