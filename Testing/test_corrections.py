@@ -16,6 +16,8 @@ from medsam2.preprocess import prepare_intensities
 from medsam2.prompts import Prompt
 from medsam2.train import corrections as cr
 from medsam2.train import evaluate as ev
+from medsam2.train import heldout as ho
+from medsam2.train import report
 
 Z, Y, X = 8, 24, 32
 
@@ -26,7 +28,7 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def volume() -> ev.HeldOutVolume:
+def volume() -> ho.HeldOutVolume:
     return generated_held_out_volume((Z, Y, X))
 
 
@@ -153,7 +155,7 @@ def test_evaluation_reports_dice_after_k_corrections_per_method(model, volume):
         assert needed["per_structure"] == {"generated: organ": cr.corrections_to_reach(curve)}
         assert needed["never"] == (cr.corrections_to_reach(curve) == 4)
     results["corrections"] = summary
-    table = ev.markdown(results)
+    table = report.markdown(results)
     assert "Dice after 3" in table and "corrections to Dice 0.85" in table
     assert "corrections" not in ev.evaluate_volume(model, volume, log=lambda message: None)
 

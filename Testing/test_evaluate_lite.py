@@ -23,6 +23,8 @@ from golden import box_tracking_model, generated_held_out_volume
 
 from medsam2.preprocess import prepare_intensities
 from medsam2.train import evaluate as ev
+from medsam2.train import heldout as ho
+from medsam2.train import report
 
 Z, Y, X = 8, 24, 32
 
@@ -33,7 +35,7 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def volume() -> ev.HeldOutVolume:
+def volume() -> ho.HeldOutVolume:
     return generated_held_out_volume((Z, Y, X))
 
 
@@ -83,7 +85,7 @@ def test_evaluate_volume_scores_every_method_and_structure(model, volume):
 
 
 def test_structures_are_segmented_together_in_the_window_they_are_read_in(model, volume, monkeypatch):
-    both = ev.HeldOutVolume(
+    both = ho.HeldOutVolume(
         "generated", volume.image, volume.spacing, "ct", volume.labels, {"organ": 3, "right lung": 3}
     )
     calls = []
@@ -119,7 +121,7 @@ def test_summary_names_the_structures_where_memory_loses():
     assert summary["i_loses_on"] == ["A: spleen"]
     results["volumes"]["A"]["seconds"] = {m: 1.0 for m in ev.METHODS}
     results["summary"] = summary
-    table = ev.markdown(results)
+    table = report.markdown(results)
     assert "| A | spleen | 0.400 / 1.0 |" in table and "**0.600**" in table
     assert summary["mean_dice_by_volume"]["A"][ev.METHODS[3]] == pytest.approx(0.65)
     assert "| A | mean Dice | 0.600 | 0.500 | 0.500 | 0.650 | 0.900 |" in table
@@ -144,38 +146,38 @@ def _chest_ct_members(folder: Path) -> dict[str, bytes]:
     heart = np.zeros((8, 8, 8), np.uint8)
     heart[:4, :4, :4] = 1
     members = {
-        ev._CHEST_CT: _nifti_bytes(np.full((8, 8, 8), 40, np.int16), folder, spacing=1.5),
-        ev._CHEST_CT_MASKS["heart"]: _nifti_bytes(heart, folder, spacing=1.5),
-        ev._CHEST_CT_MASKS["aorta"]: _nifti_bytes(np.ones((2, 2, 2), np.uint8), folder, 1.5, (6.0,) * 3),
+        ho._CHEST_CT: _nifti_bytes(np.full((8, 8, 8), 40, np.int16), folder, spacing=1.5),
+        ho._CHEST_CT_MASKS["heart"]: _nifti_bytes(heart, folder, spacing=1.5),
+        ho._CHEST_CT_MASKS["aorta"]: _nifti_bytes(np.ones((2, 2, 2), np.uint8), folder, 1.5, (6.0,) * 3),
     }
     for name in ("pulmonary_artery", "vertebrae_T12"):
-        members[ev._CHEST_CT_MASKS[name]] = _nifti_bytes(np.zeros((8, 8, 8), np.uint8), folder, spacing=1.5)
-    return {ev._TOTALSEG_FILES + name: data for name, data in members.items()}
+        members[ho._CHEST_CT_MASKS[name]] = _nifti_bytes(np.zeros((8, 8, 8), np.uint8), folder, spacing=1.5)
+    return {ho._TOTALSEG_FILES + name: data for name, data in members.items()}
 
 
 def test_totalsegmentator_volumes_are_read_from_the_sdist_with_their_class_names(tmp_path, monkeypatch):
-    monkeypatch.setitem(ev.STRUCTURES, "TotalSegmentator CT", ("liver",))
-    monkeypatch.setitem(ev.STRUCTURES, "TotalSegmentator MR", ("spleen",))
+    monkeypatch.setitem(ho.STRUCTURES, "TotalSegmentator CT", ("liver",))
+    monkeypatch.setitem(ho.STRUCTURES, "TotalSegmentator MR", ("spleen",))
     labels = np.zeros((4, 5, 6), np.uint8)
     labels[1:3, 1:4, 2:5] = 5
     labels[0, 0, 0] = 1
     members = {
-        ev._TOTALSEG_CLASSES: b"x = 1\nclass_map = {'total': {1: 'spleen', 5: 'liver'}, "
+        ho._TOTALSEG_CLASSES: b"x = 1\nclass_map = {'total': {1: 'spleen', 5: 'liver'}, "
         b"'total_mr': {1: 'spleen', 5: 'liver'}}\n",
-        ev._TOTALSEG_FILES + "example_ct_sm.nii.gz": _nifti_bytes(
+        ho._TOTALSEG_FILES + "example_ct_sm.nii.gz": _nifti_bytes(
             np.arange(120, dtype=np.int16).reshape(4, 5, 6), tmp_path
         ),
-        ev._TOTALSEG_FILES + "example_seg.nii.gz": _nifti_bytes(labels, tmp_path),
-        ev._TOTALSEG_FILES + "example_mr_sm.nii.gz": _nifti_bytes(np.ones((4, 5, 6), np.int16), tmp_path),
-        ev._TOTALSEG_FILES + "example_seg_mr.nii.gz": _nifti_bytes(labels, tmp_path),
+        ho._TOTALSEG_FILES + "example_seg.nii.gz": _nifti_bytes(labels, tmp_path),
+        ho._TOTALSEG_FILES + "example_mr_sm.nii.gz": _nifti_bytes(np.ones((4, 5, 6), np.int16), tmp_path),
+        ho._TOTALSEG_FILES + "example_seg_mr.nii.gz": _nifti_bytes(labels, tmp_path),
         **_chest_ct_members(tmp_path),
     }
-    with tarfile.open(tmp_path / ev.TOTALSEG_SDIST, "w:gz") as archive:
+    with tarfile.open(tmp_path / ho.TOTALSEG_SDIST, "w:gz") as archive:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
             archive.addfile(info, io.BytesIO(data))
-    ct, mr, chest = ev._totalsegmentator(tmp_path / ev.TOTALSEG_SDIST)
+    ct, mr, chest = ho._totalsegmentator(tmp_path / ho.TOTALSEG_SDIST)
     assert ct.structures == {"liver": 5} and mr.structures == {"spleen": 1}
     assert ct.mask("liver").sum() == 2 * 3 * 3 and mr.mask("spleen").sum() == 1
     assert ct.image.shape == (4, 5, 6) and ct.spacing == (3.0, 3.0, 3.0) and ct.modality == "ct"
@@ -188,13 +190,13 @@ def test_totalsegmentator_volumes_are_read_from_the_sdist_with_their_class_names
     ]
     assert np.argwhere(chest.mask("aorta")).tolist() == [[2, 2, 2]]
     assert not chest.mask("pulmonary_artery").any()
-    assert [v.name for v in ev.held_out_volumes(tmp_path)][1:] == [
+    assert [v.name for v in ho.held_out_volumes(tmp_path)][1:] == [
         "TotalSegmentator CT",
         "TotalSegmentator MR",
         "TotalSegmentator chest CT",
     ]
-    assert ev.held_out_names(tmp_path) == [v.name for v in ev.held_out_volumes(tmp_path)]
-    assert [v.name for v in ev.held_out_volumes(tmp_path, ["TotalSegmentator MR"])] == ["TotalSegmentator MR"]
+    assert ho.held_out_names(tmp_path) == [v.name for v in ho.held_out_volumes(tmp_path)]
+    assert [v.name for v in ho.held_out_volumes(tmp_path, ["TotalSegmentator MR"])] == ["TotalSegmentator MR"]
 
 
 _KILLED_PARENT = """

@@ -14,7 +14,8 @@ from golden import box_tracking_model, generated_held_out_volume
 
 from medsam2.preprocess import prepare_intensities
 from medsam2.train import evaluate as ev
-from medsam2.train import extent
+from medsam2.train import extent, report
+from medsam2.train import heldout as ho
 
 Z, Y, X = 8, 24, 32
 
@@ -25,7 +26,7 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def volume() -> ev.HeldOutVolume:
+def volume() -> ho.HeldOutVolume:
     return generated_held_out_volume((Z, Y, X))
 
 
@@ -101,7 +102,7 @@ def test_the_evaluation_reports_the_presence_head_per_structure_and_overall(mode
     results["summary"] = ev.summarize(results)
     presence = results["summary"]["presence"]
     assert presence["all"] == presence["by_volume"]["generated"] == extent.pooled_presence([found])
-    table = ev.markdown(results)
+    table = report.markdown(results)
     assert f"| generated | 1 | {present / Z:.3f} | 1.000 | {present / Z:.3f} | 1.000 |" in table
     assert "| **all** | 1 |" in table
     quiet = ev.evaluate_volume(model, volume, log=lambda message: None)

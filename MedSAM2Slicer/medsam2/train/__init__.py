@@ -162,7 +162,8 @@ def _means(records: list[dict]) -> dict[str, float]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate, markdown
+    from .evaluate import evaluate
+    from .report import markdown
 
     results = evaluate(
         args.weights,

@@ -33,7 +33,8 @@ from ..model.sam2 import SAM2Model
 from ..preprocess import prepare_intensities
 from ..prompts import Prompt
 from ..volume import segment_volume
-from .evaluate import MEMORY_RUNS, METHODS, AxialSlices, HeldOutVolume, previous_box_chain, shared_encoder
+from .evaluate import MEMORY_RUNS, METHODS, AxialSlices, previous_box_chain, shared_encoder
+from .heldout import HeldOutVolume
 
 CORRECTED_METHODS = METHODS[:4]
 REPORTED_CORRECTIONS = (0, 1, 3, 5)

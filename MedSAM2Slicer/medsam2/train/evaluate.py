@@ -1,21 +1,9 @@
 """Held-out evaluation of ``medsam2-lite``: real volumes and structures that training never saw.
 
-Volumes (none is a training source, ``medsam2.train.data``):
-
-- slicerio's ``CTChest4.nrrd`` (128 x 128 x 34 CT) with its ``Segmentation.seg.nrrd`` (manual segments);
-- TotalSegmentator 2.18.0's test files ``example_ct_sm.nii.gz`` (CT, 3 mm) and ``example_mr_sm.nii.gz`` (MR,
-  3 mm) with their reference label maps ``example_seg.nii.gz`` / ``example_seg_mr.nii.gz`` (TotalSegmentator's
-  own output, not manual), read from the sdist ``totalsegmentator-2.18.0.tar.gz`` in the data folder
-  (``pip download --no-deps --no-binary :all: totalsegmentator==2.18.0``);
-- from the same sdist, the chest CT of TotalSegmentator's aorta and pulmonary reports (another scan,
-  1.5 mm, resampled to 3 mm) with the heart, aorta, pulmonary artery and T12 vertebra those reports' models
-  found. It was added after every choice of the method had been made on the three volumes above, to confirm
-  them on a volume none of them was tuned on.
-
-For each structure of :data:`STRUCTURES` the prompt is the reference's box on the axial slice where it is
-largest, and the whole volume is segmented, in the CT window the structure is read in (lungs in the lung
-window, vertebrae in the bone window, heart and vessels in the mediastinum window, abdominal organs in the
-abdomen window; MR by percentiles), by
+The volumes and their structures: :mod:`.heldout`. For each structure the prompt is the reference's box on the
+axial slice where it is largest, and the whole volume is segmented, in the CT window the structure is read in
+(lungs in the lung window, vertebrae in the bone window, heart and vessels in the mediastinum window,
+abdominal organs in the abdomen window; MR by percentiles), by
 
 (i) ``segment_volume``, self-sorting memory, 6 orientations; (ii) the same with SAM 2's ``"recent"`` memory;
 (iii) self-sorting, 2 orientations (the prompt axis, both directions); (iv) no memory: LiteMedSAM slice by
@@ -39,16 +27,12 @@ and recall of "object present" against the reference's slices.
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import hashlib
 import os
-import tarfile
-import tempfile
 import threading
 import time
 from collections.abc import Collection, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -64,44 +48,8 @@ from ..preprocess import prepare_intensities
 from ..prompts import Prompt
 from ..volume import segment_volume
 from .extent import pooled_presence, presence_precision_recall, presence_scores
+from .heldout import ONE_PROMPT_VOLUMES, HeldOutVolume, held_out_names, held_out_volumes
 
-TOTALSEG_SDIST = "totalsegmentator-2.18.0.tar.gz"
-_TOTALSEG_FILES = "totalsegmentator-2.18.0/tests/reference_files/"
-_TOTALSEG_CLASSES = "totalsegmentator-2.18.0/totalsegmentator/map_to_binary.py"
-_TOTALSEG_VOLUMES = ("TotalSegmentator CT", "TotalSegmentator MR", "TotalSegmentator chest CT")
-# The 2D one-prompt setting: the template volume, and the other modality.
-_ONE_PROMPT_VOLUMES = ("TotalSegmentator CT", "TotalSegmentator MR")
-
-# Compact structures with a box-shaped extent on their slices (ribs, the body outline and costal cartilage
-# are not something one box describes).
-STRUCTURES = {
-    "CTChest4": ("right lung", "left lung", "thoracic vertebral column", "lumbar vertebral column"),
-    "TotalSegmentator CT": ("liver", "spleen", "stomach", "kidney_right", "kidney_left"),
-    "TotalSegmentator MR": ("liver", "spleen", "stomach", "kidney_right", "kidney_left"),
-    "TotalSegmentator chest CT": ("heart", "aorta", "pulmonary_artery", "vertebrae_T12"),
-}
-# The chest CT of TotalSegmentator's aorta and pulmonary reports: 1.5 mm, resampled to the 3 mm of the other
-# TotalSegmentator files; each structure is a binary file on the CT's grid or on a crop of it.
-_CHEST_CT = "aorta_report/example_ct.nii.gz"
-_CHEST_CT_MASKS = {
-    "heart": "pulmonary_report/models/heart.nii.gz",
-    "aorta": "aorta_report/test_result/models/aorta.nii.gz",
-    "pulmonary_artery": "pulmonary_report/models/pulmonary_artery.nii.gz",
-    "vertebrae_T12": "aorta_report/test_result/models/vertebrae_T12.nii.gz",
-}
-_CHEST_CT_SPACING_MM = 3.0
-# The CT window (medsam2.preprocess.WINDOW_PRESETS) a radiologist reads a structure in; the others are read
-# in the abdomen window, and MR volumes by percentiles.
-CT_WINDOWS = {
-    "right lung": "lung",
-    "left lung": "lung",
-    "thoracic vertebral column": "bone",
-    "lumbar vertebral column": "bone",
-    "heart": "mediastinum",
-    "aorta": "mediastinum",
-    "pulmonary_artery": "mediastinum",
-    "vertebrae_T12": "bone",
-}
 METHODS = (
     "(i) self-sorting, 6 orientations",
     "(ii) recent, 6 orientations",
@@ -119,132 +67,6 @@ MEMORY_RUNS = {
     METHODS[1]: dict(orientations=6, memory=MemoryOptions(policy="recent")),
     METHODS[2]: dict(orientations=2, memory=MemoryOptions(policy="self-sorting")),
 }
-
-
-@dataclass
-class HeldOutVolume:
-    """``image`` ``[Z, Y, X]`` as stored; ``labels`` on the same grid; ``structures``: name -> label value."""
-
-    name: str
-    image: np.ndarray
-    spacing: tuple[float, float, float]
-    modality: str
-    labels: np.ndarray
-    structures: dict[str, int]
-
-    def mask(self, structure: str) -> np.ndarray:
-        return self.labels == self.structures[structure]
-
-    def window(self, structure: str) -> str | None:
-        """The CT window ``structure`` is segmented in (``None``: the modality's default preparation)."""
-        return CT_WINDOWS.get(structure) if self.modality == "ct" else None
-
-
-def held_out_names(data_dir: Path) -> list[str]:
-    """The held-out volumes there are: CTChest4 always, TotalSegmentator's when the sdist is in ``data_dir``."""
-    return ["CTChest4"] + (list(_TOTALSEG_VOLUMES) if (Path(data_dir) / TOTALSEG_SDIST).is_file() else [])
-
-
-def held_out_volumes(data_dir: Path, names: Collection[str] | None = None) -> list[HeldOutVolume]:
-    """The volumes of :func:`held_out_names`, or only the ``names`` among them (the others are not read)."""
-    wanted = [n for n in held_out_names(data_dir) if names is None or n in names]
-    volumes = [_ctchest4()] if "CTChest4" in wanted else []
-    if set(wanted) & set(_TOTALSEG_VOLUMES):
-        volumes += _totalsegmentator(Path(data_dir) / TOTALSEG_SDIST, wanted)
-    return volumes
-
-
-def _ctchest4() -> HeldOutVolume:
-    import slicerio
-
-    from .. import io
-
-    folder = Path(slicerio.__file__).parent / "data"
-    image = io.read_image(folder / "CTChest4.nrrd")
-    reference = io.read_labels(folder / "Segmentation.seg.nrrd", reference=image)
-    names = {n: v for v, n in reference.names.items()}
-    return HeldOutVolume(
-        "CTChest4",
-        image.array,
-        tuple(image.spacing_zyx),
-        "ct",
-        reference.array,
-        {s: names[s] for s in STRUCTURES["CTChest4"]},
-    )
-
-
-def _totalsegmentator(sdist: Path, names: Collection[str] = _TOTALSEG_VOLUMES) -> list[HeldOutVolume]:
-    import SimpleITK as sitk
-
-    out = []
-    with tarfile.open(sdist) as archive, tempfile.TemporaryDirectory() as tmp:
-        source = archive.extractfile(_TOTALSEG_CLASSES).read().decode()
-        class_maps = _class_maps(source)
-
-        def read(name: str) -> sitk.Image:
-            path = Path(tmp) / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(archive.extractfile(_TOTALSEG_FILES + name).read())
-            return sitk.ReadImage(str(path))
-
-        for name, modality, image_file, label_file, task in (
-            ("TotalSegmentator CT", "ct", "example_ct_sm.nii.gz", "example_seg.nii.gz", "total"),
-            ("TotalSegmentator MR", "mr", "example_mr_sm.nii.gz", "example_seg_mr.nii.gz", "total_mr"),
-        ):
-            if name not in names:
-                continue
-            image, labels = read(image_file), read(label_file)
-            values = {n: v for v, n in class_maps[task].items()}
-            out.append(
-                HeldOutVolume(
-                    name,
-                    sitk.GetArrayFromImage(image).astype(np.float32),
-                    tuple(reversed(image.GetSpacing())),
-                    modality,
-                    sitk.GetArrayFromImage(labels),
-                    {s: values[s] for s in STRUCTURES[name]},
-                )
-            )
-        if "TotalSegmentator chest CT" in names:
-            out.append(_chest_ct(read))
-    return out
-
-
-def _chest_ct(read) -> HeldOutVolume:
-    """TotalSegmentator's chest CT on a 3 mm grid (linear), its structures' masks resampled onto it
-    (nearest) through their own geometry, numbered in the order of :data:`STRUCTURES`."""
-    import SimpleITK as sitk
-
-    native = read(_CHEST_CT)
-    size = [round(n * s / _CHEST_CT_SPACING_MM) for n, s in zip(native.GetSize(), native.GetSpacing())]
-    grid = sitk.Image(size, sitk.sitkUInt8)
-    grid.SetOrigin(native.GetOrigin())
-    grid.SetDirection(native.GetDirection())
-    grid.SetSpacing([_CHEST_CT_SPACING_MM] * 3)
-    image = sitk.Resample(native, grid, sitk.Transform(), sitk.sitkLinear, -1024.0, sitk.sitkFloat32)
-    name = "TotalSegmentator chest CT"
-    labels = np.zeros(tuple(reversed(size)), np.uint8)
-    for value, structure in enumerate(STRUCTURES[name], start=1):
-        mask = sitk.Resample(
-            read(_CHEST_CT_MASKS[structure]), grid, sitk.Transform(), sitk.sitkNearestNeighbor
-        )
-        labels[sitk.GetArrayFromImage(mask) > 0] = value
-    return HeldOutVolume(
-        name,
-        sitk.GetArrayFromImage(image),
-        (_CHEST_CT_SPACING_MM,) * 3,
-        "ct",
-        labels,
-        {s: v for v, s in enumerate(STRUCTURES[name], start=1)},
-    )
-
-
-def _class_maps(source: str) -> dict[str, dict[int, str]]:
-    """TotalSegmentator's ``class_map`` literal (label value -> name per task), read without running it."""
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "class_map":
-            return ast.literal_eval(node.value)
-    raise ValueError("TotalSegmentator's class_map was not found in map_to_binary.py")
 
 
 # ------------------------------------------------------------------ no-memory slice-by-slice methods
@@ -449,9 +271,9 @@ def one_prompt_2d(
 ) -> dict:
     """The 2D one-prompt setting between the TotalSegmentator CT (template) and MR volumes."""
     by_name = {v.name: v for v in volumes}
-    if not set(_ONE_PROMPT_VOLUMES) <= set(by_name):
+    if not set(ONE_PROMPT_VOLUMES) <= set(by_name):
         return {}
-    ct, mr = (by_name[n] for n in _ONE_PROMPT_VOLUMES)
+    ct, mr = (by_name[n] for n in ONE_PROMPT_VOLUMES)
     ct_int, mr_int = (prepare_intensities(v.image, modality=v.modality) for v in (ct, mr))
     out = {}
     for name in sorted(set(ct.structures) & set(mr.structures)):
@@ -570,7 +392,7 @@ def _run_job(
     """One volume's evaluation, or the 2D one-prompt setting (a worker process's whole task)."""
     torch.set_num_threads(threads)
     model, baseline = load_models(weights, litemedsam)
-    volumes = held_out_volumes(data_dir, _ONE_PROMPT_VOLUMES if job == ONE_PROMPT_JOB else [job])
+    volumes = held_out_volumes(data_dir, ONE_PROMPT_VOLUMES if job == ONE_PROMPT_JOB else [job])
     if job == ONE_PROMPT_JOB:
         started = time.perf_counter()
         return {"rows": one_prompt_2d(model, volumes, baseline), "seconds": time.perf_counter() - started}
@@ -634,61 +456,3 @@ def evaluate(
         results["one_prompt_2d"] = two_d["rows"]
         results["one_prompt_2d_seconds"] = round(two_d["seconds"], 1)
     return results
-
-
-def _presence_markdown(presence: dict) -> str:
-    """The presence head's per-slice precision / recall of "object present" per volume and overall."""
-    lines = [
-        "Presence head on its own (object score > 0 on each axial slice, tracked from the prompt in both"
-        " directions with nothing stopping):",
-        "",
-        "| volume | structures | mean precision | mean recall | pooled precision | pooled recall |",
-        "|---|---|---|---|---|---|",
-    ]
-    rows = [*presence["by_volume"].items(), ("**all**", presence["all"])]
-    for volume, p in rows:
-        lines.append(
-            f"| {volume} | {p['structures']} | {p['mean_precision']:.3f} | {p['mean_recall']:.3f} |"
-            f" {p['pooled_precision']:.3f} | {p['pooled_recall']:.3f} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def markdown(results: dict) -> str:
-    """The per-structure Dice / HD95 table, the means and timings, and the 2D one-prompt table."""
-    short = [m.split(")")[0] + ")" for m in METHODS]
-    lines = ["| volume | structure | " + " | ".join(short) + " |", "|---|---|" + "---|" * len(METHODS)]
-    for volume, v in results["volumes"].items():
-        for name, s in v["scores"].items():
-            cells = [f"{s[m]['dice']:.3f} / {s[m]['hd95_mm']:.1f}" for m in METHODS]
-            lines.append(f"| {volume} | {name} | " + " | ".join(cells) + " |")
-    if "summary" in results:
-        for volume, mean in results["summary"]["mean_dice_by_volume"].items():
-            lines.append(f"| {volume} | mean Dice | " + " | ".join(f"{mean[m]:.3f}" for m in METHODS) + " |")
-        mean = results["summary"]["mean_dice"]
-        lines.append("| **mean Dice** | | " + " | ".join(f"**{mean[m]:.3f}**" for m in METHODS) + " |")
-    parts = list(METHODS) + (
-        [PRESENCE] if any(PRESENCE in v["seconds"] for v in results["volumes"].values()) else []
-    )
-    lines += ["", "Seconds per volume (all its structures together):", ""]
-    lines += ["| volume | " + " | ".join(short + parts[len(METHODS) :]) + " |", "|---|" + "---|" * len(parts)]
-    for volume, v in results["volumes"].items():
-        cells = [f"{v['seconds'][m]:.0f}" if m in v["seconds"] else "" for m in parts]
-        lines.append(f"| {volume} | " + " | ".join(cells) + " |")
-    if "presence" in results.get("summary", {}):
-        lines += ["", _presence_markdown(results["summary"]["presence"]).rstrip("\n")]
-    if results.get("corrections"):
-        from .corrections import corrections_markdown
-
-        lines += ["", corrections_markdown(results["corrections"]).rstrip("\n")]
-    if results.get("one_prompt_2d"):
-        lines += ["", "| structure | image from | one-prompt Dice (memory) | template box, no memory |"]
-        lines.append("|---|---|---|---|")
-        for name, rows in results["one_prompt_2d"].items():
-            for source in ("CT", "MR"):
-                mine = [r for r in rows if r["source"] == source]
-                if mine:
-                    a = np.mean([r["one_prompt_dice"] for r in mine])
-                    b = np.mean([r["template_box_dice"] for r in mine])
-                    lines.append(f"| {name} | {source} ({len(mine)} slices) | {a:.3f} | {b:.3f} |")
-    return "\n".join(lines) + "\n"
