@@ -23,8 +23,8 @@ from golden import box_tracking_model, generated_held_out_volume
 
 from medsam2.preprocess import prepare_intensities
 from medsam2.train import evaluate as ev
+from medsam2.train import extent, report
 from medsam2.train import heldout as ho
-from medsam2.train import report
 
 Z, Y, X = 8, 24, 32
 
@@ -107,8 +107,15 @@ def test_structures_are_segmented_together_in_the_window_they_are_read_in(model,
 
 
 def test_summary_names_the_structures_where_memory_loses():
+    reference = np.zeros((6, 4, 4), bool)
+    reference[1:5, 1:3, 1:3] = True
+    exact = extent.extent_errors(reference, reference)
+
     def scores(i, iv):
-        return {m: {"dice": d, "hd95_mm": 1.0} for m, d in zip(ev.METHODS, (i, 0.5, 0.5, iv, 0.9))}
+        return {
+            m: {"dice": d, "hd95_mm": 1.0, "extent": exact}
+            for m, d in zip(ev.METHODS, (i, 0.5, 0.5, iv, 0.9))
+        }
 
     results = {
         "volumes": {
@@ -120,6 +127,9 @@ def test_summary_names_the_structures_where_memory_loses():
     assert summary["i_minus_iv"] == {"A: liver": pytest.approx(0.1), "A: spleen": pytest.approx(-0.2)}
     assert summary["i_loses_on"] == ["A: spleen"]
     results["volumes"]["A"]["seconds"] = {m: 1.0 for m in ev.METHODS}
+    results["volumes"]["A"]["references"] = {
+        n: {"ml": 1.0, "first": 1, "last": 4} for n in ("liver", "spleen")
+    }
     results["summary"] = summary
     table = report.markdown(results)
     assert "| A | spleen | 0.400 / 1.0 |" in table and "**0.600**" in table
@@ -142,7 +152,8 @@ def _nifti_bytes(array: np.ndarray, folder: Path, spacing=3.0, origin=(0.0, 0.0,
 
 def _chest_ct_members(folder: Path) -> dict[str, bytes]:
     """The chest CT at 1.5 mm (8 voxels a side); the heart on its grid (the first 4 voxels of each axis),
-    the aorta on a crop of 2 voxels a side from 6 mm on; the other two structures empty."""
+    the aorta on a crop of 2 voxels a side from 6 mm on; the other two structures empty; a small structure,
+    the annulus, inside the heart (its first 2 voxels of each axis)."""
     heart = np.zeros((8, 8, 8), np.uint8)
     heart[:4, :4, :4] = 1
     members = {
@@ -152,12 +163,18 @@ def _chest_ct_members(folder: Path) -> dict[str, bytes]:
     }
     for name in ("pulmonary_artery", "vertebrae_T12"):
         members[ho._CHEST_CT_MASKS[name]] = _nifti_bytes(np.zeros((8, 8, 8), np.uint8), folder, spacing=1.5)
+    annulus = np.zeros((8, 8, 8), np.uint8)
+    annulus[:2, :2, :2] = 1
+    members[ho._CHEST_CT_MASKS["annulus_proper"]] = _nifti_bytes(annulus, folder, spacing=1.5)
     return {ho._TOTALSEG_FILES + name: data for name, data in members.items()}
 
 
 def test_totalsegmentator_volumes_are_read_from_the_sdist_with_their_class_names(tmp_path, monkeypatch):
     monkeypatch.setitem(ho.STRUCTURES, "TotalSegmentator CT", ("liver",))
     monkeypatch.setitem(ho.STRUCTURES, "TotalSegmentator MR", ("spleen",))
+    monkeypatch.setitem(ho.SMALL_STRUCTURES, "TotalSegmentator CT", ("spleen",))
+    monkeypatch.delitem(ho.SMALL_STRUCTURES, "TotalSegmentator MR")
+    monkeypatch.setitem(ho.SMALL_STRUCTURES, "TotalSegmentator chest CT", ("annulus_proper",))
     labels = np.zeros((4, 5, 6), np.uint8)
     labels[1:3, 1:4, 2:5] = 5
     labels[0, 0, 0] = 1
@@ -180,6 +197,9 @@ def test_totalsegmentator_volumes_are_read_from_the_sdist_with_their_class_names
     ct, mr, chest = ho._totalsegmentator(tmp_path / ho.TOTALSEG_SDIST)
     assert ct.structures == {"liver": 5} and mr.structures == {"spleen": 1}
     assert ct.mask("liver").sum() == 2 * 3 * 3 and mr.mask("spleen").sum() == 1
+    # A small structure is the label map's own mask, in a group of its own.
+    assert list(ct.small) == ["spleen"] and np.argwhere(ct.mask("spleen")).tolist() == [[0, 0, 0]]
+    assert mr.small == {}
     assert ct.image.shape == (4, 5, 6) and ct.spacing == (3.0, 3.0, 3.0) and ct.modality == "ct"
     # The chest CT is resampled to 3 mm, and each mask lands where it lies in mm, the crop's included.
     assert chest.image.shape == (4, 4, 4) and chest.spacing == (3.0, 3.0, 3.0) and chest.modality == "ct"
@@ -190,6 +210,9 @@ def test_totalsegmentator_volumes_are_read_from_the_sdist_with_their_class_names
     ]
     assert np.argwhere(chest.mask("aorta")).tolist() == [[2, 2, 2]]
     assert not chest.mask("pulmonary_artery").any()
+    # The small annulus keeps its voxel inside the heart, and the heart keeps it too.
+    assert list(chest.small) == ["annulus_proper"]
+    assert np.argwhere(chest.mask("annulus_proper")).tolist() == [[0, 0, 0]]
     assert [v.name for v in ho.held_out_volumes(tmp_path)][1:] == [
         "TotalSegmentator CT",
         "TotalSegmentator MR",

@@ -20,6 +20,11 @@ volume and modality). Baseline: the template's box, scaled, on every image, with
 The structures of a volume that share a window are segmented together (several objects in one call), and
 every method gets the same prepared intensities.
 
+The small structures (:data:`.heldout.SMALL_STRUCTURES`, under 10 ml) are segmented the same way, apart from
+the others, and reported apart, so that the means over the others stay comparable with earlier tables. For
+every structure the result's axial extent is compared with the reference's (:mod:`.extent`): the error in
+slices at each end, and the share of structures ending within 2 slices of the reference at both ends.
+
 With ``presence``, the presence head is also judged on its own (:mod:`.extent`): from the same prompt, the
 object score on every axial slice of a both-ways propagation that nothing stops, and its per-slice precision
 and recall of "object present" against the reference's slices.
@@ -47,7 +52,14 @@ from ..model.sam2 import ImageFeatures, SAM2Model
 from ..preprocess import prepare_intensities
 from ..prompts import Prompt
 from ..volume import segment_volume
-from .extent import pooled_presence, presence_precision_recall, presence_scores
+from .extent import (
+    axial_extent,
+    ends_within,
+    extent_errors,
+    pooled_presence,
+    presence_precision_recall,
+    presence_scores,
+)
 from .heldout import ONE_PROMPT_VOLUMES, HeldOutVolume, held_out_names, held_out_volumes
 
 METHODS = (
@@ -166,38 +178,41 @@ def evaluate_volume(
     corrections: int = 0,
     presence: bool = False,
 ) -> dict:
-    """Dice / HD95 per structure and method, and seconds per method, for one held-out volume.
+    """Dice / HD95 and axial extent per structure and method, and seconds per method, for one held-out volume:
+    ``scores`` for its structures, ``small_scores`` for its small ones (segmented apart from the others, so
+    that those are segmented as before), ``references`` each reference's ml and axial extent.
 
     ``baseline``: the model of the no-memory methods (iv) and (v) (default: ``model``). ``corrections`` > 0
-    adds the Dice of (i)-(iv) after 0..``corrections`` simulated corrections (:mod:`.corrections`).
-    ``presence`` adds the presence head's per-slice precision and recall per structure (:mod:`.extent`)."""
-    names = list(volume.structures)
+    adds the Dice of (i)-(iv) after 0..``corrections`` simulated corrections of the structures (not the small
+    ones; :mod:`.corrections`). ``presence`` adds the presence head's per-slice precision and recall per
+    structure, small ones included (:mod:`.extent`)."""
+    groups = {"scores": list(volume.structures), "small_scores": list(volume.small)}
+    names = [n for group in groups.values() for n in group]
     references = {name: volume.mask(name) for name in names}
     masks: dict[str, dict[str, np.ndarray]] = {m: {} for m in METHODS}
     seconds = dict.fromkeys(METHODS, 0.0)
     found: dict[str, dict] | None = {} if presence else None
     encoder_stats = {"encoded": 0, "reused": 0}
-    for window in dict.fromkeys(volume.window(n) for n in names):
-        group = [n for n in names if volume.window(n) == window]
-        stats = _evaluate_group(
-            model, baseline or model, volume, group, window, references, masks, seconds, log, found
-        )
-        encoder_stats = {k: v + stats[k] for k, v in encoder_stats.items()}
-    scores = {
-        name: {
-            method: {
-                "dice": round(metrics.dice(masks[method][name], references[name]), 4),
-                "hd95_mm": round(metrics.hd95(masks[method][name], references[name], volume.spacing), 2),
-                "volume_ratio": round(float(masks[method][name].sum() / max(references[name].sum(), 1)), 3),
-            }
-            for method in METHODS
-        }
-        for name in names
-    }
+    for group in groups.values():
+        for window in dict.fromkeys(volume.window(n) for n in group):
+            together = [n for n in group if volume.window(n) == window]
+            stats = _evaluate_group(
+                model, baseline or model, volume, together, window, references, masks, seconds, log, found
+            )
+            encoder_stats = {k: v + stats[k] for k, v in encoder_stats.items()}
     out = {
         "shape": list(volume.image.shape),
         "spacing_mm": list(volume.spacing),
-        "scores": scores,
+        **{
+            key: {n: _scores({m: masks[m][n] for m in METHODS}, references[n], volume.spacing) for n in group}
+            for key, group in groups.items()
+            if group
+        },
+        "references": {
+            n: {"ml": round(float(references[n].sum() * np.prod(volume.spacing) / 1000), 2)}
+            | dict(zip(("first", "last"), axial_extent(references[n])))
+            for n in names
+        },
         "seconds": {m: round(s, 1) for m, s in seconds.items()},
         "encoder": encoder_stats,
         "windows": {n: volume.window(n) for n in names},
@@ -209,6 +224,19 @@ def evaluate_volume(
 
         out["corrections"] = volume_corrections(model, baseline or model, volume, corrections, log)
     return out
+
+
+def _scores(masks: dict[str, np.ndarray], reference: np.ndarray, spacing: tuple[float, ...]) -> dict:
+    """Dice, HD95, volume ratio and axial extent (:func:`.extent.extent_errors`) of each method's mask."""
+    return {
+        method: {
+            "dice": round(metrics.dice(mask, reference), 4),
+            "hd95_mm": round(metrics.hd95(mask, reference, spacing), 2),
+            "volume_ratio": round(float(mask.sum() / max(reference.sum(), 1)), 3),
+            "extent": extent_errors(mask, reference),
+        }
+        for method, mask in masks.items()
+    }
 
 
 def _evaluate_group(
@@ -319,35 +347,54 @@ def _template_box_answer(
 
 
 def summarize(results: dict) -> dict:
-    """Mean Dice per method over every structure of every volume, and (i) minus (iv) per structure."""
-    rows = [s for v in results["volumes"].values() for s in v["scores"].values()]
-    mean = {m: round(float(np.mean([r[m]["dice"] for r in rows])), 4) for m in METHODS}
+    """Mean Dice per method over every structure of every volume, and (i) minus (iv) per structure; the share
+    of structures whose axial extent ends within :data:`.extent.ENDS_WITHIN_SLICES` slices of the reference
+    at both ends; the same for the small structures on their own; the presence head's precision / recall."""
+    volumes = results["volumes"]
+    rows = [s for v in volumes.values() for s in v["scores"].values()]
     gain = {
         f"{volume}: {name}": round(s[METHODS[0]]["dice"] - s[METHODS[3]]["dice"], 4)
-        for volume, v in results["volumes"].items()
+        for volume, v in volumes.items()
         for name, s in v["scores"].items()
     }
-    by_volume = {
-        volume: {m: round(float(np.mean([s[m]["dice"] for s in v["scores"].values()])), 4) for m in METHODS}
-        for volume, v in results["volumes"].items()
-    }
     summary = {
-        "mean_dice": mean,
-        "mean_dice_by_volume": by_volume,
+        "mean_dice": _mean_dice(rows),
+        "mean_dice_by_volume": {
+            volume: _mean_dice(list(v["scores"].values())) for volume, v in volumes.items()
+        },
         "i_minus_iv": gain,
         "i_loses_on": [k for k, d in gain.items() if d < 0],
+        "ends_within": _ends_within_share(rows),
     }
-    presence = {
-        volume: [v["presence"][name] for name in v["scores"]]
-        for volume, v in results["volumes"].items()
-        if "presence" in v
-    }
-    if presence:
-        summary["presence"] = {
-            "by_volume": {volume: pooled_presence(rows) for volume, rows in presence.items()},
-            "all": pooled_presence([r for rows in presence.values() for r in rows]),
+    small = {volume: v["small_scores"] for volume, v in volumes.items() if v.get("small_scores")}
+    if small:
+        small_rows = [s for v in small.values() for s in v.values()]
+        summary["small"] = {
+            "structures": len(small_rows),
+            "mean_dice": _mean_dice(small_rows),
+            "mean_dice_by_volume": {volume: _mean_dice(list(v.values())) for volume, v in small.items()},
+            "ends_within": _ends_within_share(small_rows),
         }
+    presence = {volume: v["presence"] for volume, v in volumes.items() if "presence" in v}
+    if presence:
+        by_volume = {volume: [p[n] for n in volumes[volume]["scores"]] for volume, p in presence.items()}
+        summary["presence"] = {
+            "by_volume": {volume: pooled_presence(rows) for volume, rows in by_volume.items()},
+            "all": pooled_presence([r for rows in by_volume.values() for r in rows]),
+        }
+        if small:
+            small_presence = [p[n] for volume, p in presence.items() for n in small.get(volume, {})]
+            summary["presence"]["small"] = pooled_presence(small_presence)
     return summary
+
+
+def _mean_dice(rows: list[dict]) -> dict[str, float]:
+    return {m: round(float(np.mean([r[m]["dice"] for r in rows])), 4) for m in METHODS}
+
+
+def _ends_within_share(rows: list[dict]) -> dict[str, float]:
+    """Per method, the share of ``rows`` whose extent ends within the allowed slices at both ends."""
+    return {m: round(float(np.mean([ends_within(r[m]["extent"]) for r in rows])), 4) for m in METHODS}
 
 
 ONE_PROMPT_JOB = "2D one-prompt"
