@@ -168,3 +168,51 @@ def test_the_evaluate_command_takes_the_number_of_corrections_off_by_default(tmp
     assert parser.parse_args(["evaluate", "--corrections", "5"]).corrections == 5
     with pytest.raises(ValueError, match="corrections"):
         ev.evaluate(tmp_path / "none.safetensors", tmp_path, only=["CTChest4"], corrections=-1)
+
+
+def test_parts_run_separately_merge_into_one_evaluation_with_the_corrections_of_those_that_ran_them(
+    model, volume, tmp_path, capsys
+):
+    import json
+
+    from medsam2.train import main
+
+    options = {"corrections": 0, "presence": False}
+    plain = {
+        "weights": "w.safetensors",
+        "options": options,
+        "volumes": {"TotalSegmentator CT": ev.evaluate_volume(model, volume, log=lambda message: None)},
+    }
+    corrected = {
+        "weights": "w.safetensors",
+        "options": {**options, "corrections": 2},
+        "volumes": {"CTChest4": ev.evaluate_volume(model, volume, log=lambda message: None, corrections=2)},
+    }
+    merged = ev.merge_results([plain, corrected])
+    assert list(merged["volumes"]) == ["CTChest4", "TotalSegmentator CT"]  # the held-out order
+    both = {"volumes": {**corrected["volumes"], **plain["volumes"]}}
+    assert merged["summary"] == ev.summarize(both)
+    assert merged["corrections"] == cr.summarize_corrections(corrected["volumes"])
+    assert merged["corrections"]["structures"] == 1 and merged["options"]["corrections"] == 2
+    assert [p["volumes"] for p in merged["parts"]] == [["TotalSegmentator CT"], ["CTChest4"]]
+
+    with pytest.raises(ValueError, match="more than one part"):
+        ev.merge_results([corrected, corrected])
+    with pytest.raises(ValueError, match="different weights"):
+        ev.merge_results([plain, {**corrected, "weights": "other.safetensors"}])
+    other_k = {**plain, "options": {**options, "corrections": 5}}
+    with pytest.raises(ValueError, match="different numbers of corrections"):
+        ev.merge_results([other_k, corrected])
+
+    paths = []
+    for i, part in enumerate((plain, corrected)):
+        paths.append(tmp_path / f"part{i}.json")
+        paths[-1].write_text(json.dumps(part))
+    assert main(["report", *map(str, paths), "--out", str(tmp_path / "all.json")]) == 0
+    assert json.loads((tmp_path / "all.json").read_text()) == json.loads(json.dumps(merged))
+    table = (tmp_path / "all.md").read_text()
+    assert table == report.markdown(merged) and "up to 2 corrections, 1 structures" in table
+    assert table in capsys.readouterr().out
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(SystemExit, match="cannot read"):
+        main(["report", str(tmp_path / "broken.json")])

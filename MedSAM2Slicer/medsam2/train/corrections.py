@@ -166,12 +166,13 @@ def summarize_corrections(volumes: dict[str, dict]) -> dict:
         m: {
             f"{volume}: {name}": corrections_to_reach(c[m])
             for volume, v in volumes.items()
-            for name, c in v["corrections"].items()
+            for name, c in v.get("corrections", {}).items()
         }
         for m in CORRECTED_METHODS
     }
     return {
         "corrections_tried": tried,
+        "structures": len(curves[METHODS[0]]),
         "mean_dice_after": {
             m: {
                 str(n): round(float(np.mean([c[n] for c in curves[m]])), 4)
@@ -199,7 +200,8 @@ def corrections_markdown(summary: dict) -> str:
     tried = summary["corrections_tried"]
     steps = list(summary["mean_dice_after"][METHODS[0]])
     lines = [
-        f"Simulated user correcting the worst axial slice with the reference (up to {tried} corrections):",
+        f"Simulated user correcting the worst axial slice with the reference (up to {tried} corrections,"
+        f" {summary['structures']} structures):",
         "",
         "| method | "
         + " | ".join(f"Dice after {n}" for n in steps)

@@ -60,7 +60,7 @@ from .extent import (
     presence_precision_recall,
     presence_scores,
 )
-from .heldout import ONE_PROMPT_VOLUMES, HeldOutVolume, held_out_names, held_out_volumes
+from .heldout import HELD_OUT_VOLUMES, ONE_PROMPT_VOLUMES, HeldOutVolume, held_out_names, held_out_volumes
 
 METHODS = (
     "(i) self-sorting, 6 orientations",
@@ -492,14 +492,66 @@ def evaluate(
             log(f"evaluating {name}")
             done[name] = _run_job(name, *args, torch.get_num_threads())
     two_d = done.pop(ONE_PROMPT_JOB, None)
-    results = {"volumes": done}
-    if done:
-        results["summary"] = summarize(results)
-        if corrections:
-            from .corrections import summarize_corrections
-
-            results["corrections"] = summarize_corrections(done)
+    results = {"options": {"corrections": corrections, "presence": presence}, "volumes": done}
     if two_d is not None:
         results["one_prompt_2d"] = two_d["rows"]
         results["one_prompt_2d_seconds"] = round(two_d["seconds"], 1)
+    return _with_summaries(results)
+
+
+def _with_summaries(results: dict) -> dict:
+    """``results`` with the summaries of its volumes' figures (:func:`summarize`, and the corrections')."""
+    from .corrections import summarize_corrections
+
+    results.pop("summary", None)
+    results.pop("corrections", None)
+    if results["volumes"]:
+        results["summary"] = summarize(results)
+        corrections = summarize_corrections(results["volumes"])
+        if corrections:
+            results["corrections"] = corrections
     return results
+
+
+def merge_results(parts: list[dict]) -> dict:
+    """One evaluation from JSON results of :func:`evaluate` run separately (e.g. one ``--only`` volume each,
+    some with corrections): their volumes together, in the held-out order, summarized anew.
+
+    Every part must have evaluated the same weights, no volume (nor the 2D setting) may be in two parts, and
+    the parts with corrections must have tried as many. ``parts`` in the result records what each part ran.
+    """
+    if not parts:
+        raise ValueError("no evaluation results to merge")
+    weights = {str(p.get("weights")) for p in parts}
+    if len(weights) > 1:
+        raise ValueError(f"the parts evaluated different weights: {sorted(weights)}")
+    tried = {p.get("options", {}).get("corrections", 0) for p in parts} - {0}
+    if len(tried) > 1:
+        raise ValueError(f"the parts tried different numbers of corrections: {sorted(tried)}")
+    volumes: dict[str, dict] = {}
+    for part in parts:
+        for name, v in part["volumes"].items():
+            if name in volumes:
+                raise ValueError(f"{name!r} is in more than one part")
+            volumes[name] = v
+    two_d = [p for p in parts if "one_prompt_2d" in p]
+    if len(two_d) > 1:
+        raise ValueError(f"{ONE_PROMPT_JOB!r} is in more than one part")
+    order = {name: i for i, name in enumerate(HELD_OUT_VOLUMES)}
+    merged = {
+        "weights": parts[0].get("weights"),
+        "options": {
+            "corrections": max(tried, default=0),
+            "presence": all(p.get("options", {}).get("presence", False) for p in parts),
+        },
+        "parts": [
+            {"volumes": list(p["volumes"]) + ([ONE_PROMPT_JOB] if "one_prompt_2d" in p else [])}
+            | {"options": p.get("options", {})}
+            for p in parts
+        ],
+        "volumes": dict(sorted(volumes.items(), key=lambda item: order.get(item[0], len(order)))),
+    }
+    for part in two_d:
+        merged["one_prompt_2d"] = part["one_prompt_2d"]
+        merged["one_prompt_2d_seconds"] = part["one_prompt_2d_seconds"]
+    return _with_summaries(merged)

@@ -52,6 +52,7 @@ TOTALSEG_SDIST = "totalsegmentator-2.18.0.tar.gz"
 _TOTALSEG_FILES = "totalsegmentator-2.18.0/tests/reference_files/"
 _TOTALSEG_CLASSES = "totalsegmentator-2.18.0/totalsegmentator/map_to_binary.py"
 _TOTALSEG_VOLUMES = ("TotalSegmentator CT", "TotalSegmentator MR", "TotalSegmentator chest CT")
+HELD_OUT_VOLUMES = ("CTChest4", *_TOTALSEG_VOLUMES)
 # The 2D one-prompt setting: the template volume, and the other modality.
 ONE_PROMPT_VOLUMES = ("TotalSegmentator CT", "TotalSegmentator MR")
 
