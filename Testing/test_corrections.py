@@ -216,3 +216,7 @@ def test_parts_run_separately_merge_into_one_evaluation_with_the_corrections_of_
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(SystemExit, match="cannot read"):
         main(["report", str(tmp_path / "broken.json")])
+    old = {"volumes": {"A": {"scores": {"liver": {m: {"dice": 0.5, "hd95_mm": 1.0} for m in ev.METHODS}}}}}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    with pytest.raises(SystemExit, match="no 'extent'"):
+        main(["report", str(tmp_path / "old.json")])

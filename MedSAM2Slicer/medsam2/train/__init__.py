@@ -190,8 +190,12 @@ def cmd_report(args: argparse.Namespace) -> int:
             raise SystemExit(f"medsam2 train report: cannot read {path}: {error}") from None
     try:
         merged = merge_results(parts)
-    except (ValueError, KeyError) as error:
+    except ValueError as error:
         raise SystemExit(f"medsam2 train report: {error}") from None
+    except KeyError as error:
+        raise SystemExit(
+            f"medsam2 train report: a part has no {error} (not written by this `evaluate`?)"
+        ) from None
     _write_results(merged, args.out)
     return 0
 
