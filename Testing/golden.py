@@ -78,7 +78,7 @@ def box_tracking_model() -> medsam2.SAM2Model:
 
 def generated_held_out_volume(shape: tuple[int, int, int]):
     """A held-out volume for the evaluation's tests: an ellipsoid "organ" (label 3) in a noisy CT-like volume."""
-    from medsam2.train.evaluate import HeldOutVolume
+    from medsam2.train.heldout import HeldOutVolume
 
     z, y, x = np.mgrid[: shape[0], : shape[1], : shape[2]]
     organ = ((z - 4) / 3.5) ** 2 + ((y - 12) / 7) ** 2 + ((x - 15) / 9) ** 2 < 1

@@ -16,6 +16,8 @@ from medsam2.preprocess import prepare_intensities
 from medsam2.prompts import Prompt
 from medsam2.train import corrections as cr
 from medsam2.train import evaluate as ev
+from medsam2.train import heldout as ho
+from medsam2.train import report
 
 Z, Y, X = 8, 24, 32
 
@@ -26,7 +28,7 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def volume() -> ev.HeldOutVolume:
+def volume() -> ho.HeldOutVolume:
     return generated_held_out_volume((Z, Y, X))
 
 
@@ -153,7 +155,7 @@ def test_evaluation_reports_dice_after_k_corrections_per_method(model, volume):
         assert needed["per_structure"] == {"generated: organ": cr.corrections_to_reach(curve)}
         assert needed["never"] == (cr.corrections_to_reach(curve) == 4)
     results["corrections"] = summary
-    table = ev.markdown(results)
+    table = report.markdown(results)
     assert "Dice after 3" in table and "corrections to Dice 0.85" in table
     assert "corrections" not in ev.evaluate_volume(model, volume, log=lambda message: None)
 
@@ -168,24 +170,53 @@ def test_the_evaluate_command_takes_the_number_of_corrections_off_by_default(tmp
         ev.evaluate(tmp_path / "none.safetensors", tmp_path, only=["CTChest4"], corrections=-1)
 
 
-def test_presence_precision_and_recall_count_slices():
-    reference = _reference()  # present on slices 1..6
-    scores = np.array([-1.0, 2.0, 3.0, -0.5, 1.0, 0.0, 4.0, 5.0])  # called present: 1, 2, 4, 6, 7
-    counts = cr.presence_precision_recall(scores, reference)
-    assert counts == {"precision": 4 / 5, "recall": 4 / 6, "slices_called_present": 5, "slices_present": 6}
-    assert cr.presence_precision_recall(np.full(Z, -1.0), reference)["precision"] == 1.0
+def test_parts_run_separately_merge_into_one_evaluation_with_the_corrections_of_those_that_ran_them(
+    model, volume, tmp_path, capsys
+):
+    import json
 
+    from medsam2.train import main
 
-def test_presence_scores_are_the_tracked_object_scores_of_every_slice(model, volume):
-    from medsam2.session import Session
+    options = {"corrections": 0, "presence": False}
+    plain = {
+        "weights": "w.safetensors",
+        "options": options,
+        "volumes": {"TotalSegmentator CT": ev.evaluate_volume(model, volume, log=lambda message: None)},
+    }
+    corrected = {
+        "weights": "w.safetensors",
+        "options": {**options, "corrections": 2},
+        "volumes": {"CTChest4": ev.evaluate_volume(model, volume, log=lambda message: None, corrections=2)},
+    }
+    merged = ev.merge_results([plain, corrected])
+    assert list(merged["volumes"]) == ["CTChest4", "TotalSegmentator CT"]  # the held-out order
+    both = {"volumes": {**corrected["volumes"], **plain["volumes"]}}
+    assert merged["summary"] == ev.summarize(both)
+    assert merged["corrections"] == cr.summarize_corrections(corrected["volumes"])
+    assert merged["corrections"]["structures"] == 1 and merged["options"]["corrections"] == 2
+    assert [p["volumes"] for p in merged["parts"]] == [["TotalSegmentator CT"], ["CTChest4"]]
 
-    intensities = prepare_intensities(volume.image, modality="ct")
-    start, box = ev.box_on_largest_slice(volume.mask("organ"))
-    scores = cr.presence_scores(model, intensities, start, box)
-    assert scores.shape == (Z,) and np.isfinite(scores).all()
-    session = Session(model, intensities)
-    session.add_prompt(start, box=box)
-    for _ in session.propagate_low_res(start):
-        pass
-    forward = session.tracks[1].tracked
-    assert [scores[z] for z in sorted(forward)] == [forward[z].object_score for z in sorted(forward)]
+    with pytest.raises(ValueError, match="more than one part"):
+        ev.merge_results([corrected, corrected])
+    with pytest.raises(ValueError, match="different weights"):
+        ev.merge_results([plain, {**corrected, "weights": "other.safetensors"}])
+    other_k = {**plain, "options": {**options, "corrections": 5}}
+    with pytest.raises(ValueError, match="different numbers of corrections"):
+        ev.merge_results([other_k, corrected])
+
+    paths = []
+    for i, part in enumerate((plain, corrected)):
+        paths.append(tmp_path / f"part{i}.json")
+        paths[-1].write_text(json.dumps(part))
+    assert main(["report", *map(str, paths), "--out", str(tmp_path / "all.json")]) == 0
+    assert json.loads((tmp_path / "all.json").read_text()) == json.loads(json.dumps(merged))
+    table = (tmp_path / "all.md").read_text()
+    assert table == report.markdown(merged) and "up to 2 corrections, 1 structures" in table
+    assert table in capsys.readouterr().out
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(SystemExit, match="cannot read"):
+        main(["report", str(tmp_path / "broken.json")])
+    old = {"volumes": {"A": {"scores": {"liver": {m: {"dice": 0.5, "hd95_mm": 1.0} for m in ev.METHODS}}}}}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    with pytest.raises(SystemExit, match="no 'extent'"):
+        main(["report", str(tmp_path / "old.json")])

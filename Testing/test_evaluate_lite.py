@@ -23,6 +23,8 @@ from golden import box_tracking_model, generated_held_out_volume
 
 from medsam2.preprocess import prepare_intensities
 from medsam2.train import evaluate as ev
+from medsam2.train import extent, report
+from medsam2.train import heldout as ho
 
 Z, Y, X = 8, 24, 32
 
@@ -33,7 +35,7 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def volume() -> ev.HeldOutVolume:
+def volume() -> ho.HeldOutVolume:
     return generated_held_out_volume((Z, Y, X))
 
 
@@ -83,7 +85,7 @@ def test_evaluate_volume_scores_every_method_and_structure(model, volume):
 
 
 def test_structures_are_segmented_together_in_the_window_they_are_read_in(model, volume, monkeypatch):
-    both = ev.HeldOutVolume(
+    both = ho.HeldOutVolume(
         "generated", volume.image, volume.spacing, "ct", volume.labels, {"organ": 3, "right lung": 3}
     )
     calls = []
@@ -105,8 +107,15 @@ def test_structures_are_segmented_together_in_the_window_they_are_read_in(model,
 
 
 def test_summary_names_the_structures_where_memory_loses():
+    reference = np.zeros((6, 4, 4), bool)
+    reference[1:5, 1:3, 1:3] = True
+    exact = extent.extent_errors(reference, reference)
+
     def scores(i, iv):
-        return {m: {"dice": d, "hd95_mm": 1.0} for m, d in zip(ev.METHODS, (i, 0.5, 0.5, iv, 0.9))}
+        return {
+            m: {"dice": d, "hd95_mm": 1.0, "extent": exact}
+            for m, d in zip(ev.METHODS, (i, 0.5, 0.5, iv, 0.9))
+        }
 
     results = {
         "volumes": {
@@ -118,8 +127,11 @@ def test_summary_names_the_structures_where_memory_loses():
     assert summary["i_minus_iv"] == {"A: liver": pytest.approx(0.1), "A: spleen": pytest.approx(-0.2)}
     assert summary["i_loses_on"] == ["A: spleen"]
     results["volumes"]["A"]["seconds"] = {m: 1.0 for m in ev.METHODS}
+    results["volumes"]["A"]["references"] = {
+        n: {"ml": 1.0, "first": 1, "last": 4} for n in ("liver", "spleen")
+    }
     results["summary"] = summary
-    table = ev.markdown(results)
+    table = report.markdown(results)
     assert "| A | spleen | 0.400 / 1.0 |" in table and "**0.600**" in table
     assert summary["mean_dice_by_volume"]["A"][ev.METHODS[3]] == pytest.approx(0.65)
     assert "| A | mean Dice | 0.600 | 0.500 | 0.500 | 0.650 | 0.900 |" in table
@@ -140,44 +152,54 @@ def _nifti_bytes(array: np.ndarray, folder: Path, spacing=3.0, origin=(0.0, 0.0,
 
 def _chest_ct_members(folder: Path) -> dict[str, bytes]:
     """The chest CT at 1.5 mm (8 voxels a side); the heart on its grid (the first 4 voxels of each axis),
-    the aorta on a crop of 2 voxels a side from 6 mm on; the other two structures empty."""
+    the aorta on a crop of 2 voxels a side from 6 mm on; the other two structures empty; a small structure,
+    the annulus, inside the heart (its first 2 voxels of each axis)."""
     heart = np.zeros((8, 8, 8), np.uint8)
     heart[:4, :4, :4] = 1
     members = {
-        ev._CHEST_CT: _nifti_bytes(np.full((8, 8, 8), 40, np.int16), folder, spacing=1.5),
-        ev._CHEST_CT_MASKS["heart"]: _nifti_bytes(heart, folder, spacing=1.5),
-        ev._CHEST_CT_MASKS["aorta"]: _nifti_bytes(np.ones((2, 2, 2), np.uint8), folder, 1.5, (6.0,) * 3),
+        ho._CHEST_CT: _nifti_bytes(np.full((8, 8, 8), 40, np.int16), folder, spacing=1.5),
+        ho._CHEST_CT_MASKS["heart"]: _nifti_bytes(heart, folder, spacing=1.5),
+        ho._CHEST_CT_MASKS["aorta"]: _nifti_bytes(np.ones((2, 2, 2), np.uint8), folder, 1.5, (6.0,) * 3),
     }
     for name in ("pulmonary_artery", "vertebrae_T12"):
-        members[ev._CHEST_CT_MASKS[name]] = _nifti_bytes(np.zeros((8, 8, 8), np.uint8), folder, spacing=1.5)
-    return {ev._TOTALSEG_FILES + name: data for name, data in members.items()}
+        members[ho._CHEST_CT_MASKS[name]] = _nifti_bytes(np.zeros((8, 8, 8), np.uint8), folder, spacing=1.5)
+    annulus = np.zeros((8, 8, 8), np.uint8)
+    annulus[:2, :2, :2] = 1
+    members[ho._CHEST_CT_MASKS["annulus_proper"]] = _nifti_bytes(annulus, folder, spacing=1.5)
+    return {ho._TOTALSEG_FILES + name: data for name, data in members.items()}
 
 
 def test_totalsegmentator_volumes_are_read_from_the_sdist_with_their_class_names(tmp_path, monkeypatch):
-    monkeypatch.setitem(ev.STRUCTURES, "TotalSegmentator CT", ("liver",))
-    monkeypatch.setitem(ev.STRUCTURES, "TotalSegmentator MR", ("spleen",))
+    monkeypatch.setitem(ho.STRUCTURES, "TotalSegmentator CT", ("liver",))
+    monkeypatch.setitem(ho.STRUCTURES, "TotalSegmentator MR", ("spleen",))
+    monkeypatch.setitem(ho.SMALL_STRUCTURES, "TotalSegmentator CT", ("spleen",))
+    monkeypatch.delitem(ho.SMALL_STRUCTURES, "TotalSegmentator MR")
+    monkeypatch.setitem(ho.SMALL_STRUCTURES, "TotalSegmentator chest CT", ("annulus_proper",))
     labels = np.zeros((4, 5, 6), np.uint8)
     labels[1:3, 1:4, 2:5] = 5
     labels[0, 0, 0] = 1
     members = {
-        ev._TOTALSEG_CLASSES: b"x = 1\nclass_map = {'total': {1: 'spleen', 5: 'liver'}, "
+        ho._TOTALSEG_CLASSES: b"x = 1\nclass_map = {'total': {1: 'spleen', 5: 'liver'}, "
         b"'total_mr': {1: 'spleen', 5: 'liver'}}\n",
-        ev._TOTALSEG_FILES + "example_ct_sm.nii.gz": _nifti_bytes(
+        ho._TOTALSEG_FILES + "example_ct_sm.nii.gz": _nifti_bytes(
             np.arange(120, dtype=np.int16).reshape(4, 5, 6), tmp_path
         ),
-        ev._TOTALSEG_FILES + "example_seg.nii.gz": _nifti_bytes(labels, tmp_path),
-        ev._TOTALSEG_FILES + "example_mr_sm.nii.gz": _nifti_bytes(np.ones((4, 5, 6), np.int16), tmp_path),
-        ev._TOTALSEG_FILES + "example_seg_mr.nii.gz": _nifti_bytes(labels, tmp_path),
+        ho._TOTALSEG_FILES + "example_seg.nii.gz": _nifti_bytes(labels, tmp_path),
+        ho._TOTALSEG_FILES + "example_mr_sm.nii.gz": _nifti_bytes(np.ones((4, 5, 6), np.int16), tmp_path),
+        ho._TOTALSEG_FILES + "example_seg_mr.nii.gz": _nifti_bytes(labels, tmp_path),
         **_chest_ct_members(tmp_path),
     }
-    with tarfile.open(tmp_path / ev.TOTALSEG_SDIST, "w:gz") as archive:
+    with tarfile.open(tmp_path / ho.TOTALSEG_SDIST, "w:gz") as archive:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
             archive.addfile(info, io.BytesIO(data))
-    ct, mr, chest = ev._totalsegmentator(tmp_path / ev.TOTALSEG_SDIST)
+    ct, mr, chest = ho._totalsegmentator(tmp_path / ho.TOTALSEG_SDIST)
     assert ct.structures == {"liver": 5} and mr.structures == {"spleen": 1}
     assert ct.mask("liver").sum() == 2 * 3 * 3 and mr.mask("spleen").sum() == 1
+    # A small structure is the label map's own mask, in a group of its own.
+    assert list(ct.small) == ["spleen"] and np.argwhere(ct.mask("spleen")).tolist() == [[0, 0, 0]]
+    assert mr.small == {}
     assert ct.image.shape == (4, 5, 6) and ct.spacing == (3.0, 3.0, 3.0) and ct.modality == "ct"
     # The chest CT is resampled to 3 mm, and each mask lands where it lies in mm, the crop's included.
     assert chest.image.shape == (4, 4, 4) and chest.spacing == (3.0, 3.0, 3.0) and chest.modality == "ct"
@@ -188,13 +210,16 @@ def test_totalsegmentator_volumes_are_read_from_the_sdist_with_their_class_names
     ]
     assert np.argwhere(chest.mask("aorta")).tolist() == [[2, 2, 2]]
     assert not chest.mask("pulmonary_artery").any()
-    assert [v.name for v in ev.held_out_volumes(tmp_path)][1:] == [
+    # The small annulus keeps its voxel inside the heart, and the heart keeps it too.
+    assert list(chest.small) == ["annulus_proper"]
+    assert np.argwhere(chest.mask("annulus_proper")).tolist() == [[0, 0, 0]]
+    assert [v.name for v in ho.held_out_volumes(tmp_path)][1:] == [
         "TotalSegmentator CT",
         "TotalSegmentator MR",
         "TotalSegmentator chest CT",
     ]
-    assert ev.held_out_names(tmp_path) == [v.name for v in ev.held_out_volumes(tmp_path)]
-    assert [v.name for v in ev.held_out_volumes(tmp_path, ["TotalSegmentator MR"])] == ["TotalSegmentator MR"]
+    assert ho.held_out_names(tmp_path) == [v.name for v in ho.held_out_volumes(tmp_path)]
+    assert [v.name for v in ho.held_out_volumes(tmp_path, ["TotalSegmentator MR"])] == ["TotalSegmentator MR"]
 
 
 _KILLED_PARENT = """

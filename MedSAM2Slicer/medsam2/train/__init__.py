@@ -4,8 +4,10 @@
     medsam2 train run      --workdir W [--steps N] [--minutes M]   train (resumes from W/checkpoint.pt)
     medsam2 train export   --workdir W [--out FILE]     write the shipped weights + provenance JSON
     medsam2 train presence --workdir W [--weights FILE]   fit the presence head (``.presence``) into them
-    medsam2 train evaluate [--weights FILE] [--out F] [--only NAME] [--corrections K]   held-out volumes:
-                           methods (i)-(v), 2D one-prompt, Dice after k simulated corrections
+    medsam2 train evaluate [--weights FILE] [--out F] [--only NAME] [--corrections K] [--presence]
+                           held-out volumes: methods (i)-(v), 2D one-prompt, Dice after k simulated
+                           corrections, the presence head's per-slice precision and recall
+    medsam2 train report   A.json B.json [--out F]      merge evaluations run in parts (--only), and their tables
 
 Data, held-out split and cache: ``medsam2.train.data``; sequences and prompts: ``.sequences``; the tracking
 pass and losses: ``.step``; optimiser, schedule and checkpoints: ``.trainer``.
@@ -180,7 +182,7 @@ def cmd_presence(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate, markdown
+    from .evaluate import evaluate
 
     results = evaluate(
         args.weights,
@@ -189,14 +191,43 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         jobs=args.jobs,
         only=args.only,
         corrections=args.corrections,
+        presence=args.presence,
     )
     results["weights"] = str(args.weights)
+    _write_results(results, args.out)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .evaluate import merge_results
+
+    parts = []
+    for path in args.parts:
+        try:
+            parts.append(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as error:
+            raise SystemExit(f"medsam2 train report: cannot read {path}: {error}") from None
+    try:
+        merged = merge_results(parts)
+    except ValueError as error:
+        raise SystemExit(f"medsam2 train report: {error}") from None
+    except KeyError as error:
+        raise SystemExit(
+            f"medsam2 train report: a part has no {error} (not written by this `evaluate`?)"
+        ) from None
+    _write_results(merged, args.out)
+    return 0
+
+
+def _write_results(results: dict, out: str | None) -> None:
+    """Print the Markdown tables of ``results``; with ``out``, write the JSON there and the tables next to it."""
+    from .report import markdown
+
     table = markdown(results)
     print(table)
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-        Path(args.out).with_suffix(".md").write_text(table)
-    return 0
+    if out:
+        Path(out).write_text(json.dumps(results, indent=2) + "\n")
+        Path(out).with_suffix(".md").write_text(table)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -272,7 +303,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="also correct (i)-(iv) up to K times each, as a simulated user (0: off); see medsam2.train.corrections",
     )
+    p.add_argument(
+        "--presence",
+        action="store_true",
+        help="also measure the presence head's per-slice precision and recall (see medsam2.train.extent;"
+        " one more axial encoding of each volume per window)",
+    )
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "report",
+        help="the tables of `evaluate` JSON files run in parts (e.g. one --only volume each), merged into one",
+    )
+    p.add_argument("parts", nargs="+", type=Path, metavar="JSON", help="results of `evaluate --out`")
+    p.add_argument("--out", default=None, help="merged JSON (a Markdown table is written next to it)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -33,7 +33,8 @@ from ..model.sam2 import SAM2Model
 from ..preprocess import prepare_intensities
 from ..prompts import Prompt
 from ..volume import segment_volume
-from .evaluate import MEMORY_RUNS, METHODS, AxialSlices, HeldOutVolume, previous_box_chain, shared_encoder
+from .evaluate import MEMORY_RUNS, METHODS, AxialSlices, previous_box_chain, shared_encoder
+from .heldout import HeldOutVolume
 
 CORRECTED_METHODS = METHODS[:4]
 REPORTED_CORRECTIONS = (0, 1, 3, 5)
@@ -165,12 +166,13 @@ def summarize_corrections(volumes: dict[str, dict]) -> dict:
         m: {
             f"{volume}: {name}": corrections_to_reach(c[m])
             for volume, v in volumes.items()
-            for name, c in v["corrections"].items()
+            for name, c in v.get("corrections", {}).items()
         }
         for m in CORRECTED_METHODS
     }
     return {
         "corrections_tried": tried,
+        "structures": len(curves[METHODS[0]]),
         "mean_dice_after": {
             m: {
                 str(n): round(float(np.mean([c[n] for c in curves[m]])), 4)
@@ -198,7 +200,8 @@ def corrections_markdown(summary: dict) -> str:
     tried = summary["corrections_tried"]
     steps = list(summary["mean_dice_after"][METHODS[0]])
     lines = [
-        f"Simulated user correcting the worst axial slice with the reference (up to {tried} corrections):",
+        f"Simulated user correcting the worst axial slice with the reference (up to {tried} corrections,"
+        f" {summary['structures']} structures):",
         "",
         "| method | "
         + " | ".join(f"Dice after {n}" for n in steps)
@@ -211,38 +214,3 @@ def corrections_markdown(summary: dict) -> str:
         cells = [f"{summary['mean_dice_after'][m][n]:.3f}" for n in steps]
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {reach['mean']:.1f}{never} |")
     return "\n".join(lines) + "\n"
-
-
-# ------------------------------------------------------------------ the presence head on its own
-
-
-def presence_scores(
-    model: SAM2Model, intensities: np.ndarray, index: int, box: tuple[int, ...]
-) -> np.ndarray:
-    """The object score (presence logit) on every axial slice of prepared ``intensities`` ``[Z, Y, X]``, the
-    object prompted by ``box`` on slice ``index`` and tracked through every slice in both directions with
-    nothing stopping early: ``[Z]`` float."""
-    from ..session import Session
-
-    session = Session(model, intensities)
-    session.add_prompt(index, box=box)
-    for reverse in (False, True):
-        for _ in session.propagate_low_res(index, reverse=reverse):
-            pass
-    track = session.tracks[1]
-    return np.array(
-        [{**track.tracked, **track.conditioning}[z].object_score for z in range(len(intensities))]
-    )
-
-
-def presence_precision_recall(scores: np.ndarray, reference: np.ndarray) -> dict[str, float]:
-    """Per-slice precision and recall of "object present" (``scores`` ``[Z]`` > 0) against the slices where
-    ``reference`` ``[Z, Y, X]`` holds the object; precision is 1.0 when no slice is called present."""
-    called, present = np.asarray(scores) > 0, reference.any(axis=(1, 2))
-    hits = int((called & present).sum())
-    return {
-        "precision": hits / int(called.sum()) if called.any() else 1.0,
-        "recall": hits / int(present.sum()) if present.any() else 1.0,
-        "slices_called_present": int(called.sum()),
-        "slices_present": int(present.sum()),
-    }

@@ -1,21 +1,9 @@
 """Held-out evaluation of ``medsam2-lite``: real volumes and structures that training never saw.
 
-Volumes (none is a training source, ``medsam2.train.data``):
-
-- slicerio's ``CTChest4.nrrd`` (128 x 128 x 34 CT) with its ``Segmentation.seg.nrrd`` (manual segments);
-- TotalSegmentator 2.18.0's test files ``example_ct_sm.nii.gz`` (CT, 3 mm) and ``example_mr_sm.nii.gz`` (MR,
-  3 mm) with their reference label maps ``example_seg.nii.gz`` / ``example_seg_mr.nii.gz`` (TotalSegmentator's
-  own output, not manual), read from the sdist ``totalsegmentator-2.18.0.tar.gz`` in the data folder
-  (``pip download --no-deps --no-binary :all: totalsegmentator==2.18.0``);
-- from the same sdist, the chest CT of TotalSegmentator's aorta and pulmonary reports (another scan,
-  1.5 mm, resampled to 3 mm) with the heart, aorta, pulmonary artery and T12 vertebra those reports' models
-  found. It was added after every choice of the method had been made on the three volumes above, to confirm
-  them on a volume none of them was tuned on.
-
-For each structure of :data:`STRUCTURES` the prompt is the reference's box on the axial slice where it is
-largest, and the whole volume is segmented, in the CT window the structure is read in (lungs in the lung
-window, vertebrae in the bone window, heart and vessels in the mediastinum window, abdominal organs in the
-abdomen window; MR by percentiles), by
+The volumes and their structures: :mod:`.heldout`. For each structure the prompt is the reference's box on the
+axial slice where it is largest, and the whole volume is segmented, in the CT window the structure is read in
+(lungs in the lung window, vertebrae in the bone window, heart and vessels in the mediastinum window,
+abdominal organs in the abdomen window; MR by percentiles), by
 
 (i) ``segment_volume``, self-sorting memory, 6 orientations; (ii) the same with SAM 2's ``"recent"`` memory;
 (iii) self-sorting, 2 orientations (the prompt axis, both directions); (iv) no memory: LiteMedSAM slice by
@@ -31,20 +19,25 @@ volume and modality). Baseline: the template's box, scaled, on every image, with
 
 The structures of a volume that share a window are segmented together (several objects in one call), and
 every method gets the same prepared intensities.
+
+The small structures (:data:`.heldout.SMALL_STRUCTURES`, under 10 ml) are segmented the same way, apart from
+the others, and reported apart, so that the means over the others stay comparable with earlier tables. For
+every structure the result's axial extent is compared with the reference's (:mod:`.extent`): the error in
+slices at each end, and the share of structures ending within 2 slices of the reference at both ends.
+
+With ``presence``, the presence head is also judged on its own (:mod:`.extent`): from the same prompt, the
+object score on every axial slice of a both-ways propagation that nothing stops, and its per-slice precision
+and recall of "object present" against the reference's slices.
 """
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import hashlib
 import os
-import tarfile
-import tempfile
 import threading
 import time
 from collections.abc import Collection, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -59,44 +52,16 @@ from ..model.sam2 import ImageFeatures, SAM2Model
 from ..preprocess import prepare_intensities
 from ..prompts import Prompt
 from ..volume import segment_volume
+from .extent import (
+    axial_extent,
+    ends_within,
+    extent_errors,
+    pooled_presence,
+    presence_precision_recall,
+    presence_scores,
+)
+from .heldout import HELD_OUT_VOLUMES, ONE_PROMPT_VOLUMES, HeldOutVolume, held_out_names, held_out_volumes
 
-TOTALSEG_SDIST = "totalsegmentator-2.18.0.tar.gz"
-_TOTALSEG_FILES = "totalsegmentator-2.18.0/tests/reference_files/"
-_TOTALSEG_CLASSES = "totalsegmentator-2.18.0/totalsegmentator/map_to_binary.py"
-_TOTALSEG_VOLUMES = ("TotalSegmentator CT", "TotalSegmentator MR", "TotalSegmentator chest CT")
-# The 2D one-prompt setting: the template volume, and the other modality.
-_ONE_PROMPT_VOLUMES = ("TotalSegmentator CT", "TotalSegmentator MR")
-
-# Compact structures with a box-shaped extent on their slices (ribs, the body outline and costal cartilage
-# are not something one box describes).
-STRUCTURES = {
-    "CTChest4": ("right lung", "left lung", "thoracic vertebral column", "lumbar vertebral column"),
-    "TotalSegmentator CT": ("liver", "spleen", "stomach", "kidney_right", "kidney_left"),
-    "TotalSegmentator MR": ("liver", "spleen", "stomach", "kidney_right", "kidney_left"),
-    "TotalSegmentator chest CT": ("heart", "aorta", "pulmonary_artery", "vertebrae_T12"),
-}
-# The chest CT of TotalSegmentator's aorta and pulmonary reports: 1.5 mm, resampled to the 3 mm of the other
-# TotalSegmentator files; each structure is a binary file on the CT's grid or on a crop of it.
-_CHEST_CT = "aorta_report/example_ct.nii.gz"
-_CHEST_CT_MASKS = {
-    "heart": "pulmonary_report/models/heart.nii.gz",
-    "aorta": "aorta_report/test_result/models/aorta.nii.gz",
-    "pulmonary_artery": "pulmonary_report/models/pulmonary_artery.nii.gz",
-    "vertebrae_T12": "aorta_report/test_result/models/vertebrae_T12.nii.gz",
-}
-_CHEST_CT_SPACING_MM = 3.0
-# The CT window (medsam2.preprocess.WINDOW_PRESETS) a radiologist reads a structure in; the others are read
-# in the abdomen window, and MR volumes by percentiles.
-CT_WINDOWS = {
-    "right lung": "lung",
-    "left lung": "lung",
-    "thoracic vertebral column": "bone",
-    "lumbar vertebral column": "bone",
-    "heart": "mediastinum",
-    "aorta": "mediastinum",
-    "pulmonary_artery": "mediastinum",
-    "vertebrae_T12": "bone",
-}
 METHODS = (
     "(i) self-sorting, 6 orientations",
     "(ii) recent, 6 orientations",
@@ -105,138 +70,15 @@ METHODS = (
     "(v) reference box every slice",
 )
 
+# The presence head on its own, timed with the methods (:mod:`.extent`).
+PRESENCE = "presence"
+
 # The options of segment_volume that make methods (i)-(iii).
 MEMORY_RUNS = {
     METHODS[0]: dict(orientations=6, memory=MemoryOptions(policy="self-sorting")),
     METHODS[1]: dict(orientations=6, memory=MemoryOptions(policy="recent")),
     METHODS[2]: dict(orientations=2, memory=MemoryOptions(policy="self-sorting")),
 }
-
-
-@dataclass
-class HeldOutVolume:
-    """``image`` ``[Z, Y, X]`` as stored; ``labels`` on the same grid; ``structures``: name -> label value."""
-
-    name: str
-    image: np.ndarray
-    spacing: tuple[float, float, float]
-    modality: str
-    labels: np.ndarray
-    structures: dict[str, int]
-
-    def mask(self, structure: str) -> np.ndarray:
-        return self.labels == self.structures[structure]
-
-    def window(self, structure: str) -> str | None:
-        """The CT window ``structure`` is segmented in (``None``: the modality's default preparation)."""
-        return CT_WINDOWS.get(structure) if self.modality == "ct" else None
-
-
-def held_out_names(data_dir: Path) -> list[str]:
-    """The held-out volumes there are: CTChest4 always, TotalSegmentator's when the sdist is in ``data_dir``."""
-    return ["CTChest4"] + (list(_TOTALSEG_VOLUMES) if (Path(data_dir) / TOTALSEG_SDIST).is_file() else [])
-
-
-def held_out_volumes(data_dir: Path, names: Collection[str] | None = None) -> list[HeldOutVolume]:
-    """The volumes of :func:`held_out_names`, or only the ``names`` among them (the others are not read)."""
-    wanted = [n for n in held_out_names(data_dir) if names is None or n in names]
-    volumes = [_ctchest4()] if "CTChest4" in wanted else []
-    if set(wanted) & set(_TOTALSEG_VOLUMES):
-        volumes += _totalsegmentator(Path(data_dir) / TOTALSEG_SDIST, wanted)
-    return volumes
-
-
-def _ctchest4() -> HeldOutVolume:
-    import slicerio
-
-    from .. import io
-
-    folder = Path(slicerio.__file__).parent / "data"
-    image = io.read_image(folder / "CTChest4.nrrd")
-    reference = io.read_labels(folder / "Segmentation.seg.nrrd", reference=image)
-    names = {n: v for v, n in reference.names.items()}
-    return HeldOutVolume(
-        "CTChest4",
-        image.array,
-        tuple(image.spacing_zyx),
-        "ct",
-        reference.array,
-        {s: names[s] for s in STRUCTURES["CTChest4"]},
-    )
-
-
-def _totalsegmentator(sdist: Path, names: Collection[str] = _TOTALSEG_VOLUMES) -> list[HeldOutVolume]:
-    import SimpleITK as sitk
-
-    out = []
-    with tarfile.open(sdist) as archive, tempfile.TemporaryDirectory() as tmp:
-        source = archive.extractfile(_TOTALSEG_CLASSES).read().decode()
-        class_maps = _class_maps(source)
-
-        def read(name: str) -> sitk.Image:
-            path = Path(tmp) / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(archive.extractfile(_TOTALSEG_FILES + name).read())
-            return sitk.ReadImage(str(path))
-
-        for name, modality, image_file, label_file, task in (
-            ("TotalSegmentator CT", "ct", "example_ct_sm.nii.gz", "example_seg.nii.gz", "total"),
-            ("TotalSegmentator MR", "mr", "example_mr_sm.nii.gz", "example_seg_mr.nii.gz", "total_mr"),
-        ):
-            if name not in names:
-                continue
-            image, labels = read(image_file), read(label_file)
-            values = {n: v for v, n in class_maps[task].items()}
-            out.append(
-                HeldOutVolume(
-                    name,
-                    sitk.GetArrayFromImage(image).astype(np.float32),
-                    tuple(reversed(image.GetSpacing())),
-                    modality,
-                    sitk.GetArrayFromImage(labels),
-                    {s: values[s] for s in STRUCTURES[name]},
-                )
-            )
-        if "TotalSegmentator chest CT" in names:
-            out.append(_chest_ct(read))
-    return out
-
-
-def _chest_ct(read) -> HeldOutVolume:
-    """TotalSegmentator's chest CT on a 3 mm grid (linear), its structures' masks resampled onto it
-    (nearest) through their own geometry, numbered in the order of :data:`STRUCTURES`."""
-    import SimpleITK as sitk
-
-    native = read(_CHEST_CT)
-    size = [round(n * s / _CHEST_CT_SPACING_MM) for n, s in zip(native.GetSize(), native.GetSpacing())]
-    grid = sitk.Image(size, sitk.sitkUInt8)
-    grid.SetOrigin(native.GetOrigin())
-    grid.SetDirection(native.GetDirection())
-    grid.SetSpacing([_CHEST_CT_SPACING_MM] * 3)
-    image = sitk.Resample(native, grid, sitk.Transform(), sitk.sitkLinear, -1024.0, sitk.sitkFloat32)
-    name = "TotalSegmentator chest CT"
-    labels = np.zeros(tuple(reversed(size)), np.uint8)
-    for value, structure in enumerate(STRUCTURES[name], start=1):
-        mask = sitk.Resample(
-            read(_CHEST_CT_MASKS[structure]), grid, sitk.Transform(), sitk.sitkNearestNeighbor
-        )
-        labels[sitk.GetArrayFromImage(mask) > 0] = value
-    return HeldOutVolume(
-        name,
-        sitk.GetArrayFromImage(image),
-        (_CHEST_CT_SPACING_MM,) * 3,
-        "ct",
-        labels,
-        {s: v for v, s in enumerate(STRUCTURES[name], start=1)},
-    )
-
-
-def _class_maps(source: str) -> dict[str, dict[int, str]]:
-    """TotalSegmentator's ``class_map`` literal (label value -> name per task), read without running it."""
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "class_map":
-            return ast.literal_eval(node.value)
-    raise ValueError("TotalSegmentator's class_map was not found in map_to_binary.py")
 
 
 # ------------------------------------------------------------------ no-memory slice-by-slice methods
@@ -334,46 +176,67 @@ def evaluate_volume(
     baseline: SAM2Model | None = None,
     log=print,
     corrections: int = 0,
+    presence: bool = False,
 ) -> dict:
-    """Dice / HD95 per structure and method, and seconds per method, for one held-out volume.
+    """Dice / HD95 and axial extent per structure and method, and seconds per method, for one held-out volume:
+    ``scores`` for its structures, ``small_scores`` for its small ones (segmented apart from the others, so
+    that those are segmented as before), ``references`` each reference's ml and axial extent.
 
     ``baseline``: the model of the no-memory methods (iv) and (v) (default: ``model``). ``corrections`` > 0
-    adds the Dice of (i)-(iv) after 0..``corrections`` simulated corrections (:mod:`.corrections`)."""
-    names = list(volume.structures)
+    adds the Dice of (i)-(iv) after 0..``corrections`` simulated corrections of the structures (not the small
+    ones; :mod:`.corrections`). ``presence`` adds the presence head's per-slice precision and recall per
+    structure, small ones included (:mod:`.extent`)."""
+    groups = {"scores": list(volume.structures), "small_scores": list(volume.small)}
+    names = [n for group in groups.values() for n in group]
     references = {name: volume.mask(name) for name in names}
     masks: dict[str, dict[str, np.ndarray]] = {m: {} for m in METHODS}
     seconds = dict.fromkeys(METHODS, 0.0)
+    found: dict[str, dict] | None = {} if presence else None
     encoder_stats = {"encoded": 0, "reused": 0}
-    for window in dict.fromkeys(volume.window(n) for n in names):
-        group = [n for n in names if volume.window(n) == window]
-        stats = _evaluate_group(
-            model, baseline or model, volume, group, window, references, masks, seconds, log
-        )
-        encoder_stats = {k: v + stats[k] for k, v in encoder_stats.items()}
-    scores = {
-        name: {
-            method: {
-                "dice": round(metrics.dice(masks[method][name], references[name]), 4),
-                "hd95_mm": round(metrics.hd95(masks[method][name], references[name], volume.spacing), 2),
-                "volume_ratio": round(float(masks[method][name].sum() / max(references[name].sum(), 1)), 3),
-            }
-            for method in METHODS
-        }
-        for name in names
-    }
+    for group in groups.values():
+        for window in dict.fromkeys(volume.window(n) for n in group):
+            together = [n for n in group if volume.window(n) == window]
+            stats = _evaluate_group(
+                model, baseline or model, volume, together, window, references, masks, seconds, log, found
+            )
+            encoder_stats = {k: v + stats[k] for k, v in encoder_stats.items()}
     out = {
         "shape": list(volume.image.shape),
         "spacing_mm": list(volume.spacing),
-        "scores": scores,
+        **{
+            key: {n: _scores({m: masks[m][n] for m in METHODS}, references[n], volume.spacing) for n in group}
+            for key, group in groups.items()
+            if group
+        },
+        "references": {
+            n: {"ml": round(float(references[n].sum() * np.prod(volume.spacing) / 1000), 2)}
+            | dict(zip(("first", "last"), axial_extent(references[n])))
+            for n in names
+        },
         "seconds": {m: round(s, 1) for m, s in seconds.items()},
         "encoder": encoder_stats,
         "windows": {n: volume.window(n) for n in names},
     }
+    if found is not None:
+        out["presence"] = found
     if corrections:
         from .corrections import volume_corrections
 
         out["corrections"] = volume_corrections(model, baseline or model, volume, corrections, log)
     return out
+
+
+def _scores(masks: dict[str, np.ndarray], reference: np.ndarray, spacing: tuple[float, ...]) -> dict:
+    """Dice, HD95, volume ratio and axial extent (:func:`.extent.extent_errors`) of each method's mask."""
+    return {
+        method: {
+            "dice": round(metrics.dice(mask, reference), 4),
+            "hd95_mm": round(metrics.hd95(mask, reference, spacing), 2),
+            "volume_ratio": round(float(mask.sum() / max(reference.sum(), 1)), 3),
+            "extent": extent_errors(mask, reference),
+        }
+        for method, mask in masks.items()
+    }
 
 
 def _evaluate_group(
@@ -386,9 +249,11 @@ def _evaluate_group(
     masks: dict[str, dict[str, np.ndarray]],
     seconds: dict[str, float],
     log,
+    presence: dict[str, dict] | None = None,
 ) -> dict[str, int]:
     """Every method on the structures ``names`` (segmented together, in ``window``): adds their masks and
-    the seconds taken to ``masks`` / ``seconds``; returns the shared encoder's statistics."""
+    the seconds taken to ``masks`` / ``seconds``, and each structure's presence figures to ``presence``
+    unless it is ``None``; returns the shared encoder's statistics."""
     prompts = []
     for obj_id, name in enumerate(names, start=1):
         index, box = box_on_largest_slice(references[name])
@@ -411,6 +276,18 @@ def _evaluate_group(
         masks[method].update({n: run(p, n) for p, n in zip(prompts, names)})
         seconds[method] += time.perf_counter() - started
         log(f"  {volume.name} ({window or volume.modality}): {method} in {seconds[method]:.0f} s")
+    if presence is not None:
+        started = time.perf_counter()
+        with shared_encoder(model) as stats:
+            for p, n in zip(prompts, names):
+                scores = presence_scores(model, intensities, p.index, tuple(p.box))
+                presence[n] = {
+                    **presence_precision_recall(scores, references[n]),
+                    "object_scores": [round(float(s), 3) for s in scores],
+                }
+        seconds[PRESENCE] = seconds.get(PRESENCE, 0.0) + time.perf_counter() - started
+        log(f"  {volume.name} ({window or volume.modality}): presence in {seconds[PRESENCE]:.0f} s")
+        encoder_stats = {k: v + stats[k] for k, v in encoder_stats.items()}
     return dict(encoder_stats)
 
 
@@ -422,9 +299,9 @@ def one_prompt_2d(
 ) -> dict:
     """The 2D one-prompt setting between the TotalSegmentator CT (template) and MR volumes."""
     by_name = {v.name: v for v in volumes}
-    if not set(_ONE_PROMPT_VOLUMES) <= set(by_name):
+    if not set(ONE_PROMPT_VOLUMES) <= set(by_name):
         return {}
-    ct, mr = (by_name[n] for n in _ONE_PROMPT_VOLUMES)
+    ct, mr = (by_name[n] for n in ONE_PROMPT_VOLUMES)
     ct_int, mr_int = (prepare_intensities(v.image, modality=v.modality) for v in (ct, mr))
     out = {}
     for name in sorted(set(ct.structures) & set(mr.structures)):
@@ -470,24 +347,54 @@ def _template_box_answer(
 
 
 def summarize(results: dict) -> dict:
-    """Mean Dice per method over every structure of every volume, and (i) minus (iv) per structure."""
-    rows = [s for v in results["volumes"].values() for s in v["scores"].values()]
-    mean = {m: round(float(np.mean([r[m]["dice"] for r in rows])), 4) for m in METHODS}
+    """Mean Dice per method over every structure of every volume, and (i) minus (iv) per structure; the share
+    of structures whose axial extent ends within :data:`.extent.ENDS_WITHIN_SLICES` slices of the reference
+    at both ends; the same for the small structures on their own; the presence head's precision / recall."""
+    volumes = results["volumes"]
+    rows = [s for v in volumes.values() for s in v["scores"].values()]
     gain = {
         f"{volume}: {name}": round(s[METHODS[0]]["dice"] - s[METHODS[3]]["dice"], 4)
-        for volume, v in results["volumes"].items()
+        for volume, v in volumes.items()
         for name, s in v["scores"].items()
     }
-    by_volume = {
-        volume: {m: round(float(np.mean([s[m]["dice"] for s in v["scores"].values()])), 4) for m in METHODS}
-        for volume, v in results["volumes"].items()
-    }
-    return {
-        "mean_dice": mean,
-        "mean_dice_by_volume": by_volume,
+    summary = {
+        "mean_dice": _mean_dice(rows),
+        "mean_dice_by_volume": {
+            volume: _mean_dice(list(v["scores"].values())) for volume, v in volumes.items()
+        },
         "i_minus_iv": gain,
         "i_loses_on": [k for k, d in gain.items() if d < 0],
+        "ends_within": _ends_within_share(rows),
     }
+    small = {volume: v["small_scores"] for volume, v in volumes.items() if v.get("small_scores")}
+    if small:
+        small_rows = [s for v in small.values() for s in v.values()]
+        summary["small"] = {
+            "structures": len(small_rows),
+            "mean_dice": _mean_dice(small_rows),
+            "mean_dice_by_volume": {volume: _mean_dice(list(v.values())) for volume, v in small.items()},
+            "ends_within": _ends_within_share(small_rows),
+        }
+    presence = {volume: v["presence"] for volume, v in volumes.items() if "presence" in v}
+    if presence:
+        by_volume = {volume: [p[n] for n in volumes[volume]["scores"]] for volume, p in presence.items()}
+        summary["presence"] = {
+            "by_volume": {volume: pooled_presence(rows) for volume, rows in by_volume.items()},
+            "all": pooled_presence([r for rows in by_volume.values() for r in rows]),
+        }
+        if small:
+            small_presence = [p[n] for volume, p in presence.items() for n in small.get(volume, {})]
+            summary["presence"]["small"] = pooled_presence(small_presence)
+    return summary
+
+
+def _mean_dice(rows: list[dict]) -> dict[str, float]:
+    return {m: round(float(np.mean([r[m]["dice"] for r in rows])), 4) for m in METHODS}
+
+
+def _ends_within_share(rows: list[dict]) -> dict[str, float]:
+    """Per method, the share of ``rows`` whose extent ends within the allowed slices at both ends."""
+    return {m: round(float(np.mean([ends_within(r[m]["extent"]) for r in rows])), 4) for m in METHODS}
 
 
 ONE_PROMPT_JOB = "2D one-prompt"
@@ -521,17 +428,25 @@ def exit_with_parent(parent_pid: int, poll_seconds: float = 1.0) -> None:
 
 
 def _run_job(
-    job: str, weights: Path, litemedsam: str | Path | None, data_dir: Path, corrections: int, threads: int
+    job: str,
+    weights: Path,
+    litemedsam: str | Path | None,
+    data_dir: Path,
+    corrections: int,
+    presence: bool,
+    threads: int,
 ) -> dict:
     """One volume's evaluation, or the 2D one-prompt setting (a worker process's whole task)."""
     torch.set_num_threads(threads)
     model, baseline = load_models(weights, litemedsam)
-    volumes = held_out_volumes(data_dir, _ONE_PROMPT_VOLUMES if job == ONE_PROMPT_JOB else [job])
+    volumes = held_out_volumes(data_dir, ONE_PROMPT_VOLUMES if job == ONE_PROMPT_JOB else [job])
     if job == ONE_PROMPT_JOB:
         started = time.perf_counter()
         return {"rows": one_prompt_2d(model, volumes, baseline), "seconds": time.perf_counter() - started}
     volume = next(v for v in volumes if v.name == job)
-    return evaluate_volume(model, volume, baseline, log=lambda message: None, corrections=corrections)
+    return evaluate_volume(
+        model, volume, baseline, log=lambda message: None, corrections=corrections, presence=presence
+    )
 
 
 def evaluate(
@@ -542,13 +457,15 @@ def evaluate(
     only: list[str] | None = None,
     log=print,
     corrections: int = 0,
+    presence: bool = False,
 ) -> dict:
     """The held-out evaluation of the trained ``weights`` (see the module docstring): every volume and the
     2D setting, or the ``only`` ones (volume names, :data:`ONE_PROMPT_JOB`).
 
     ``jobs`` > 1 evaluates the volumes (and the 2D setting) in that many processes of one thread each; the
     seconds per method are then those of a process sharing the machine. ``corrections`` > 0 adds the
-    simulated user's corrections (:mod:`.corrections`).
+    simulated user's corrections (:mod:`.corrections`); ``presence`` the presence head's per-slice precision
+    and recall (:mod:`.extent`).
     """
     if corrections < 0:
         raise ValueError(f"corrections must be 0 (off) or more, got {corrections}")
@@ -558,7 +475,7 @@ def evaluate(
         if unknown:
             raise ValueError(f"unknown evaluation part {unknown}; choose from {names}")
         names = [n for n in names if n in only]
-    args = (weights, litemedsam, data_dir, corrections)
+    args = (weights, litemedsam, data_dir, corrections, presence)
     if jobs > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -575,48 +492,66 @@ def evaluate(
             log(f"evaluating {name}")
             done[name] = _run_job(name, *args, torch.get_num_threads())
     two_d = done.pop(ONE_PROMPT_JOB, None)
-    results = {"volumes": done}
-    if done:
-        results["summary"] = summarize(results)
-        if corrections:
-            from .corrections import summarize_corrections
-
-            results["corrections"] = summarize_corrections(done)
+    results = {"options": {"corrections": corrections, "presence": presence}, "volumes": done}
     if two_d is not None:
         results["one_prompt_2d"] = two_d["rows"]
         results["one_prompt_2d_seconds"] = round(two_d["seconds"], 1)
+    return _with_summaries(results)
+
+
+def _with_summaries(results: dict) -> dict:
+    """``results`` with the summaries of its volumes' figures (:func:`summarize`, and the corrections')."""
+    from .corrections import summarize_corrections
+
+    results.pop("summary", None)
+    results.pop("corrections", None)
+    if results["volumes"]:
+        results["summary"] = summarize(results)
+        corrections = summarize_corrections(results["volumes"])
+        if corrections:
+            results["corrections"] = corrections
     return results
 
 
-def markdown(results: dict) -> str:
-    """The per-structure Dice / HD95 table, the means and timings, and the 2D one-prompt table."""
-    short = [m.split(")")[0] + ")" for m in METHODS]
-    lines = ["| volume | structure | " + " | ".join(short) + " |", "|---|---|" + "---|" * len(METHODS)]
-    for volume, v in results["volumes"].items():
-        for name, s in v["scores"].items():
-            cells = [f"{s[m]['dice']:.3f} / {s[m]['hd95_mm']:.1f}" for m in METHODS]
-            lines.append(f"| {volume} | {name} | " + " | ".join(cells) + " |")
-    if "summary" in results:
-        for volume, mean in results["summary"]["mean_dice_by_volume"].items():
-            lines.append(f"| {volume} | mean Dice | " + " | ".join(f"{mean[m]:.3f}" for m in METHODS) + " |")
-        mean = results["summary"]["mean_dice"]
-        lines.append("| **mean Dice** | | " + " | ".join(f"**{mean[m]:.3f}**" for m in METHODS) + " |")
-    lines += ["", "Seconds per volume (all its structures together):", ""]
-    lines += ["| volume | " + " | ".join(short) + " |", "|---|" + "---|" * len(METHODS)]
-    for volume, v in results["volumes"].items():
-        lines.append(f"| {volume} | " + " | ".join(f"{v['seconds'][m]:.0f}" for m in METHODS) + " |")
-    if results.get("corrections"):
-        from .corrections import corrections_markdown
+def merge_results(parts: list[dict]) -> dict:
+    """One evaluation from JSON results of :func:`evaluate` run separately (e.g. one ``--only`` volume each,
+    some with corrections): their volumes together, in the held-out order, summarized anew.
 
-        lines += ["", corrections_markdown(results["corrections"]).rstrip("\n")]
-    if results.get("one_prompt_2d"):
-        lines += ["", "| structure | image from | one-prompt Dice (memory) | template box, no memory |"]
-        lines.append("|---|---|---|---|")
-        for name, rows in results["one_prompt_2d"].items():
-            for source in ("CT", "MR"):
-                mine = [r for r in rows if r["source"] == source]
-                if mine:
-                    a = np.mean([r["one_prompt_dice"] for r in mine])
-                    b = np.mean([r["template_box_dice"] for r in mine])
-                    lines.append(f"| {name} | {source} ({len(mine)} slices) | {a:.3f} | {b:.3f} |")
-    return "\n".join(lines) + "\n"
+    Every part must have evaluated the same weights, no volume (nor the 2D setting) may be in two parts, and
+    the parts with corrections must have tried as many. ``parts`` in the result records what each part ran.
+    """
+    if not parts:
+        raise ValueError("no evaluation results to merge")
+    weights = {str(p.get("weights")) for p in parts}
+    if len(weights) > 1:
+        raise ValueError(f"the parts evaluated different weights: {sorted(weights)}")
+    tried = {p.get("options", {}).get("corrections", 0) for p in parts} - {0}
+    if len(tried) > 1:
+        raise ValueError(f"the parts tried different numbers of corrections: {sorted(tried)}")
+    volumes: dict[str, dict] = {}
+    for part in parts:
+        for name, v in part["volumes"].items():
+            if name in volumes:
+                raise ValueError(f"{name!r} is in more than one part")
+            volumes[name] = v
+    two_d = [p for p in parts if "one_prompt_2d" in p]
+    if len(two_d) > 1:
+        raise ValueError(f"{ONE_PROMPT_JOB!r} is in more than one part")
+    order = {name: i for i, name in enumerate(HELD_OUT_VOLUMES)}
+    merged = {
+        "weights": parts[0].get("weights"),
+        "options": {
+            "corrections": max(tried, default=0),
+            "presence": all(p.get("options", {}).get("presence", False) for p in parts),
+        },
+        "parts": [
+            {"volumes": list(p["volumes"]) + ([ONE_PROMPT_JOB] if "one_prompt_2d" in p else [])}
+            | {"options": p.get("options", {})}
+            for p in parts
+        ],
+        "volumes": dict(sorted(volumes.items(), key=lambda item: order.get(item[0], len(order)))),
+    }
+    for part in two_d:
+        merged["one_prompt_2d"] = part["one_prompt_2d"]
+        merged["one_prompt_2d_seconds"] = part["one_prompt_2d_seconds"]
+    return _with_summaries(merged)
