@@ -8,7 +8,8 @@ import torch
 from golden import box_tracking_model
 
 import medsam2
-from medsam2.model.presence import CUE_NAMES, PresenceHead, region_descriptor
+import medsam2.model.sam2
+from medsam2.model.presence import CUE_NAMES, PresenceHead, Region, region_descriptor
 from medsam2.train.presence import Run, fit, head_off, load_runs, save_runs, stop_errors
 
 T, H, W = 8, 24, 24
@@ -26,20 +27,34 @@ def test_region_descriptor_averages_the_embedding_under_the_mask():
     assert region_descriptor(embedding, -torch.ones(1, 1, 16, 16))[0].abs().sum() == 0
 
 
-def test_cues_take_the_most_similar_prompt_and_stand_in_for_a_missing_previous_frame():
-    descriptor = torch.tensor([[1.0, 0.0]])
-    prompts = [torch.tensor([[0.0, 1.0]]), torch.tensor([[0.6, 0.8]])]
-    cues = PresenceHead.cues(descriptor, prompts, None, torch.tensor([0.9]), torch.tensor([99.0]), None)
-    torch.testing.assert_close(cues, torch.tensor([[0.6, 0.6, 0.9, 0.0]]))
-    cues = PresenceHead.cues(
-        descriptor,
-        prompts,
-        torch.tensor([[0.0, 1.0]]),
-        torch.tensor([0.5]),
-        torch.tensor([49.0]),
-        torch.tensor([99.0]),
+def _region(direction: list[float], mean: float, spread: float) -> Region:
+    return Region(torch.tensor([direction]), torch.tensor([[mean, spread]]))
+
+
+def test_cues_take_the_most_alike_prompt_and_stand_in_for_a_missing_previous_frame():
+    region = _region([1.0, 0.0], 0.5, 0.1)
+    prompts = [_region([0.0, 1.0], 0.45, 0.05), _region([0.6, 0.8], 0.9, 0.15)]
+    iou, area = torch.tensor([0.9]), torch.tensor([99.0])
+    cues = PresenceHead.cues(region, prompts, None, iou, area, None)
+    # most similar prompt: 0.6; smallest intensity change: |0.5 - 0.45| / (0.05 + 0.05) = 0.5
+    torch.testing.assert_close(cues, torch.tensor([[0.6, 0.6, 0.9, 0.0, 0.5, 0.5]]))
+    previous = _region([0.0, 1.0], 0.2, 0.25)
+    cues = PresenceHead.cues(region, prompts, previous, torch.tensor([0.5]), torch.tensor([49.0]), area)
+    torch.testing.assert_close(cues, torch.tensor([[0.6, 0.0, 0.5, float(np.log(0.5)), 0.5, 1.0]]))
+
+
+def test_a_region_holds_the_intensity_under_its_mask():
+    image = torch.zeros(1, 3, 32, 32)
+    image[:, :, :16] = 1.0  # the top half is bright
+    features = medsam2.model.sam2.ImageFeatures(
+        torch.ones(1, 2, 8, 8), torch.zeros(1, 2, 8, 8), None, torch.nn.functional.avg_pool2d(image[:, :1], 4)
     )
-    torch.testing.assert_close(cues, torch.tensor([[0.6, 0.0, 0.5, float(np.log(0.5))]]))
+    logits = -torch.ones(1, 1, 32, 32)
+    logits[..., 8:24, :] = 1.0  # half bright, half dark
+    region = Region.of(features, logits)
+    torch.testing.assert_close(region.intensity, torch.tensor([[0.5, 0.5]]))
+    emptied = region.emptied(torch.tensor([True]))
+    assert emptied.intensity.abs().sum() == 0 and emptied.descriptor.abs().sum() == 0
 
 
 def _frames() -> np.ndarray:
@@ -74,7 +89,7 @@ def test_a_head_that_calls_everything_present_changes_nothing():
 def test_an_object_judged_absent_ends_the_box_chain():
     """The first tracked frame is judged absent (its similarity to the prompt is below the head's threshold):
     its mask is emptied and its pointer is the no-object one, and the box chain has lost it after that."""
-    model = _with_head(box_tracking_model(), [1.0, 0.0, 0.0, 0.0], -2.0)  # similarity is at most 1
+    model = _with_head(box_tracking_model(), [1.0, 0, 0, 0, 0, 0], -2.0)  # similarity is at most 1
     results, session = _track(model)
     assert (results[0] > 0).any()
     track = session.tracks[1]
@@ -119,7 +134,7 @@ def test_runs_round_trip_through_a_plain_npz(tmp_path):
 
 
 def test_head_off_records_the_cues_and_restores_the_head():
-    model = _with_head(box_tracking_model(), [1.0, 0.0, 0.0, 0.0], -2.0)
+    model = _with_head(box_tracking_model(), [1.0, 0, 0, 0, 0, 0], -2.0)
     with head_off(model) as captured:
         results, _ = _track(model)
     assert len(captured) == T - 1 and captured[0].shape == (1, len(CUE_NAMES))

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .configs import ModelConfig
 from .errors import InputError
+from .model.presence import Region
 from .model.sam2 import Memory, MemoryContext
 
 
@@ -70,8 +71,8 @@ class FrameRecord:
 
     ``low_res_logits``: ``[1, 1, 4h, 4w]``; ``obj_ptr``: ``[1, C]``; ``object_score``: logit of presence;
     ``iou``: predicted IoU of the chosen mask (the confidence); ``descriptor``: unit vector describing the
-    frame's image, for the self-sorting bank; ``region``: ``[1, C]`` descriptor of the predicted mask's
-    region (models with a presence head).
+    frame's image, for the self-sorting bank; ``region``: what the predicted mask covers (models with a
+    presence head).
     """
 
     frame: int
@@ -81,7 +82,7 @@ class FrameRecord:
     iou: float
     memory: Memory | None = None
     descriptor: torch.Tensor | None = None
-    region: torch.Tensor | None = None
+    region: Region | None = None
 
     @property
     def present(self) -> bool:
@@ -258,7 +259,7 @@ def _conditioning_pointers(
     return pointers
 
 
-def _prompted_regions(track: ObjectTrack) -> list[torch.Tensor]:
+def _prompted_regions(track: ObjectTrack) -> list[Region]:
     return [rec.region for rec in track.conditioning.values() if rec.region is not None]
 
 

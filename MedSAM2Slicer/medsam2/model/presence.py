@@ -8,31 +8,77 @@ prompted frames and on the previous frame, and turns the comparison into a prese
 over a few cues, fitted on tracking runs that go past the ends of real labelled structures
 (``medsam2.train.presence``).
 
-A region is described by :func:`region_descriptor`: the frame's image embedding (the encoder's, before any
-memory) averaged over the predicted mask, as a unit vector. It is stored with each frame's result, so the
-prompted frames' descriptors are part of the object's memory.
+A :class:`Region` holds the frame's image embedding (the encoder's, before any memory) averaged over the
+predicted mask, as a unit vector, and the mean and spread of the input image's intensity under it (CT windows
+and MR percentiles make intensities comparable from slice to slice). It is stored with each frame's result,
+so the prompted frames' regions are part of the object's memory.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-CUE_NAMES = ("similarity_to_prompts", "similarity_to_previous", "predicted_iou", "log_area_ratio")
+CUE_NAMES = (
+    "similarity_to_prompts",
+    "similarity_to_previous",
+    "predicted_iou",
+    "log_area_ratio",
+    "intensity_change_from_prompts",
+    "intensity_change_from_previous",
+)
+# Intensity changes are in units of the earlier region's spread plus this (inputs are in [0, 1]).
+_INTENSITY_SPREAD_FLOOR = 0.05
 
 
 def region_descriptor(embedding: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Embedding ``[B, C, h, w]`` averaged over each mask (``logits`` ``[B, 1, H, W]`` > 0, any size) -> unit
     vectors ``[B, C]``; an empty mask gives a zero vector."""
-    weights = F.adaptive_avg_pool2d((logits > 0).to(embedding.dtype), embedding.shape[-2:])  # [B, 1, h, w]
+    weights = _mask_weights(logits, embedding)
     pooled = (embedding * weights).sum(dim=(-2, -1)) / weights.sum(dim=(-2, -1)).clamp_min(1e-6)
     return F.normalize(pooled.float(), dim=1)
+
+
+def _mask_weights(logits: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The share of each cell of ``like``'s grid that the mask covers: ``[B, 1, h, w]``."""
+    return F.adaptive_avg_pool2d((logits > 0).to(like.dtype), like.shape[-2:])
 
 
 def mask_area(logits: torch.Tensor) -> torch.Tensor:
     """Pixels of each mask ``[B, 1, H, W]`` (logits > 0) as ``[B]`` floats."""
     return (logits > 0).flatten(1).sum(dim=1).float()
+
+
+@dataclass
+class Region:
+    """What a mask covers on its frame: ``descriptor`` ``[B, C]`` (:func:`region_descriptor`) and
+    ``intensity`` ``[B, 2]``, the mean and standard deviation of the input image under it (zeros when the
+    features carry no intensity or the mask is empty)."""
+
+    descriptor: torch.Tensor
+    intensity: torch.Tensor
+
+    @classmethod
+    def of(cls, features, logits: torch.Tensor) -> Region:
+        """The region of mask ``logits`` ``[B, 1, H, W]`` on a frame's :class:`~medsam2.model.sam2.ImageFeatures`."""
+        descriptor = region_descriptor(features.embedding, logits)
+        if features.intensity is None:
+            return cls(descriptor, descriptor.new_zeros(len(descriptor), 2))
+        image = features.intensity.float()
+        weights = _mask_weights(logits, image)
+        total = weights.sum(dim=(-2, -1)).clamp_min(1e-6)  # [B, 1]
+        mean = (image * weights).sum(dim=(-2, -1)) / total
+        variance = ((image - mean[..., None, None]) ** 2 * weights).sum(dim=(-2, -1)) / total
+        return cls(descriptor, torch.cat([mean, variance.sqrt()], dim=1))
+
+    def emptied(self, rows: torch.Tensor) -> Region:
+        """This region with the objects where ``rows`` ``[B]`` is True set to an empty mask's."""
+        return Region(
+            self.descriptor.masked_fill(rows[:, None], 0.0), self.intensity.masked_fill(rows[:, None], 0.0)
+        )
 
 
 class PresenceHead(nn.Module):
@@ -49,26 +95,40 @@ class PresenceHead(nn.Module):
 
     @staticmethod
     def cues(
-        descriptor: torch.Tensor,
-        prompted: list[torch.Tensor],
-        previous: torch.Tensor | None,
+        region: Region,
+        prompted: list[Region],
+        previous: Region | None,
         iou: torch.Tensor,
         area: torch.Tensor,
         previous_area: torch.Tensor | None,
     ) -> torch.Tensor:
-        """The cues ``[B, K]`` of a frame's predicted region.
+        """The cues ``[B, K]`` of a frame's predicted ``region``, in the order of :data:`CUE_NAMES`.
 
-        ``descriptor`` ``[B, C]``: the region's (:func:`region_descriptor`); ``prompted``: the object's
-        descriptors on its prompted frames (each ``[B, C]``, the most similar counts); ``previous``: on the
-        frame tracked just before (``None``: the prompted frames stand in); ``iou``: predicted IoU ``[B]``;
+        ``prompted``: the object's regions on its prompted frames (the most alike counts); ``previous``: on
+        the frame tracked just before (``None``: the prompted frames stand in); ``iou``: predicted IoU ``[B]``;
         ``area`` / ``previous_area``: mask pixels ``[B]`` on this frame and the previous one.
         """
-        to_prompts = torch.stack([(descriptor * p.to(descriptor)).sum(dim=1) for p in prompted]).amax(dim=0)
-        to_previous = to_prompts if previous is None else (descriptor * previous.to(descriptor)).sum(dim=1)
+        prompts = torch.stack(
+            [(region.descriptor * p.descriptor.to(region.descriptor)).sum(dim=1) for p in prompted]
+        )
+        changes = torch.stack([_intensity_change(region, p) for p in prompted])
+        to_prompts, from_prompts = prompts.amax(dim=0), changes.amin(dim=0)
+        if previous is None:
+            to_previous, from_previous = to_prompts, from_prompts
+        else:
+            to_previous = (region.descriptor * previous.descriptor.to(region.descriptor)).sum(dim=1)
+            from_previous = _intensity_change(region, previous)
         ratio = (
             torch.zeros_like(area) if previous_area is None else torch.log((area + 1) / (previous_area + 1))
         )
-        return torch.stack([to_prompts, to_previous, iou.float(), ratio], dim=1)
+        return torch.stack([to_prompts, to_previous, iou.float(), ratio, from_prompts, from_previous], dim=1)
 
     def forward(self, cues: torch.Tensor) -> torch.Tensor:
         return (cues @ self.weight.to(cues) + self.bias.to(cues)).unsqueeze(1)
+
+
+def _intensity_change(region: Region, earlier: Region) -> torch.Tensor:
+    """``[B]``: how far the region's mean intensity lies from an earlier region's, in its spreads."""
+    earlier_intensity = earlier.intensity.to(region.intensity)
+    spread = earlier_intensity[:, 1] + _INTENSITY_SPREAD_FLOOR
+    return (region.intensity[:, 0] - earlier_intensity[:, 0]).abs() / spread

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..configs import ModelConfig
 from .common import MLP
-from .presence import PresenceHead, mask_area, region_descriptor
+from .presence import PresenceHead, Region, mask_area
 
 # Logit given to every pixel of an object predicted absent (sigmoid of it is 0).
 NO_OBJECT_LOGIT = -1024.0
@@ -29,28 +29,37 @@ class ImageFeatures:
     """Image-encoder output for a batch of frames.
 
     ``embedding``/``position``: ``[B, C, h, w]``; ``high_res``: ``[B, C/8, 4h, 4w]`` and ``[B, C/4, 2h, 2w]``
-    maps for the decoder's skip connections, already projected, or ``None`` for models without them.
+    maps for the decoder's skip connections, already projected, or ``None`` for models without them;
+    ``intensity``: ``[B, 1, h, w]`` the input image averaged onto the embedding's grid, for a model with a
+    presence head (else ``None``).
     """
 
     embedding: torch.Tensor
     position: torch.Tensor
     high_res: list[torch.Tensor] | None
+    intensity: torch.Tensor | None = None
 
     def frame(self, i: int) -> ImageFeatures:
         """The features of frame ``i`` of the batch, keeping a batch axis of 1."""
         high_res = None if self.high_res is None else [x[i : i + 1] for x in self.high_res]
-        return ImageFeatures(self.embedding[i : i + 1], self.position[i : i + 1], high_res)
+        intensity = None if self.intensity is None else self.intensity[i : i + 1]
+        return ImageFeatures(self.embedding[i : i + 1], self.position[i : i + 1], high_res, intensity)
 
     def expand(self, batch: int) -> ImageFeatures:
         """The same frame repeated for ``batch`` objects (a view, no copy)."""
         high_res = None if self.high_res is None else [x.expand(batch, -1, -1, -1) for x in self.high_res]
+        intensity = None if self.intensity is None else self.intensity.expand(batch, -1, -1, -1)
         return ImageFeatures(
-            self.embedding.expand(batch, -1, -1, -1), self.position.expand(batch, -1, -1, -1), high_res
+            self.embedding.expand(batch, -1, -1, -1),
+            self.position.expand(batch, -1, -1, -1),
+            high_res,
+            intensity,
         )
 
     @property
     def nbytes(self) -> int:
         tensors = [self.embedding, self.position, *(self.high_res or [])]
+        tensors += [] if self.intensity is None else [self.intensity]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -69,14 +78,13 @@ class MemoryContext:
     ``frames``: (memory, temporal slot) pairs, where slot ``num_maskmem - 1`` marks a prompted frame and slot
     ``d - 1`` a frame ``d`` steps away. ``pointers``: (signed frame distance, object pointer ``[B, C]``) pairs.
     ``pointer_range``: the distance that maps to 1 in the pointers' temporal encoding. ``regions``: the
-    object's region descriptors ``[B, C]`` on its prompted frames, for a model with a presence head
-    (:mod:`medsam2.model.presence`).
+    object's regions on its prompted frames, for a model with a presence head (:mod:`medsam2.model.presence`).
     """
 
     frames: list[tuple[Memory, int]]
     pointers: list[tuple[int, torch.Tensor]]
     pointer_range: int
-    regions: list[torch.Tensor] = field(default_factory=list)
+    regions: list[Region] = field(default_factory=list)
 
 
 @dataclass
@@ -88,8 +96,8 @@ class MaskPrediction:
     present. When the decoder ran, ``candidate_logits`` ``[B, M, 4h, 4w]`` and ``candidate_ious`` ``[B, M]``
     hold all its masks (M = 3 for an ambiguous prompt, else 1), before an absent object's no-object fill, so
     that training can teach the masks while the object score is still wrong. ``lost``: ``[B]`` True for the
-    objects a box-tracking model had lost, for which nothing was decoded (``None``: none). ``region``: ``[B, C]``
-    descriptor of the predicted mask's region, for a model with a presence head (else ``None``).
+    objects a box-tracking model had lost, for which nothing was decoded (``None``: none). ``region``: what the
+    predicted mask covers (:class:`~medsam2.model.presence.Region`), for a model with a presence head.
     """
 
     low_res_logits: torch.Tensor
@@ -100,7 +108,7 @@ class MaskPrediction:
     candidate_logits: torch.Tensor | None = None
     candidate_ious: torch.Tensor | None = None
     lost: torch.Tensor | None = None
-    region: torch.Tensor | None = None
+    region: Region | None = None
 
 
 def _pooled(x: torch.Tensor, pool: int) -> torch.Tensor:
@@ -185,7 +193,10 @@ class SAM2Model(nn.Module):
         high_res = None
         if self.config.use_high_res_features:
             high_res = [self.sam_mask_decoder.conv_s0(levels[0]), self.sam_mask_decoder.conv_s1(levels[1])]
-        return ImageFeatures(levels[-1], positions[-1], high_res)
+        intensity = None
+        if self.presence_head is not None:
+            intensity = F.adaptive_avg_pool2d(images.mean(dim=1, keepdim=True), levels[-1].shape[-2:])
+        return ImageFeatures(levels[-1], positions[-1], high_res, intensity)
 
     # ------------------------------------------------------------------ memory
 
@@ -294,7 +305,7 @@ class SAM2Model(nn.Module):
             multimask = num_points <= 1
             prediction = self._decode(embedding, features.high_res, points, previous_logits, multimask)
         if self.presence_head is not None:
-            prediction.region = region_descriptor(features.embedding, prediction.low_res_logits)
+            prediction.region = Region.of(features, prediction.low_res_logits)
         return prediction
 
     def track(
@@ -303,7 +314,7 @@ class SAM2Model(nn.Module):
         context: MemoryContext | None,
         previous_logits: torch.Tensor | None,
         guide: torch.Tensor | None = None,
-        previous_region: torch.Tensor | None = None,
+        previous_region: Region | None = None,
     ) -> MaskPrediction:
         """Predict a tracked frame from ``context`` and, for a box-tracking model, the previous frame's logits
         ``[B, 1, H, W]`` (see :meth:`tracking_prompt`); objects that model has lost get :meth:`lost_prediction`.
@@ -313,8 +324,8 @@ class SAM2Model(nn.Module):
         object with a guide is never lost. Models that track from memory alone ignore it.
 
         A model with a presence head also judges whether each object is still there (:meth:`judge_presence`)
-        against the prompted frames' regions in ``context`` and the previous frame's ``previous_region``
-        ``[B, C]``; an object judged absent gets an empty mask, so a box-tracking model loses it there."""
+        against the prompted frames' regions in ``context`` and the previous frame's ``previous_region``;
+        an object judged absent gets an empty mask, so a box-tracking model loses it there."""
         if guide is not None and self.config.tracking_box_margin is not None:
             return self.predict(features, context, points=self._grown_box(guide.reshape(-1, 4).unbind(1)))
         lost = self.lost_objects(previous_logits)
@@ -330,9 +341,9 @@ class SAM2Model(nn.Module):
     def judge_presence(
         self,
         prediction: MaskPrediction,
-        prompted_regions: list[torch.Tensor],
+        prompted_regions: list[Region],
         previous_logits: torch.Tensor | None,
-        previous_region: torch.Tensor | None,
+        previous_region: Region | None,
     ) -> MaskPrediction:
         """``prediction`` with its object score lowered to the presence head's logit where that is lower; an
         object now scored absent gets the no-object mask and pointer (its candidates stay for training)."""
@@ -354,7 +365,7 @@ class SAM2Model(nn.Module):
         prediction.high_res_logits = prediction.high_res_logits.masked_fill(rows, NO_OBJECT_LOGIT)
         present = (~absent).to(prediction.obj_ptr.dtype)[:, None]
         prediction.obj_ptr = self._pointer_for_presence(prediction.obj_ptr, present)
-        prediction.region = prediction.region.masked_fill(absent[:, None], 0.0)
+        prediction.region = prediction.region.emptied(absent)
         return prediction
 
     def lost_objects(self, previous_logits: torch.Tensor | None) -> torch.Tensor | None:

@@ -207,6 +207,8 @@ def collect(
             found = []
             for s in (s for s in structures if s.window == window):
                 reference = np.moveaxis(np.isin(labels, s.labels), axis, 0)
+                if reference[0].any() and reference[-1].any():
+                    continue  # no end to run past along this axis (the spinal cord, the back muscles)
                 for reverse, cues, present in track_runs(model, frames, reference, features=(cache, keys)):
                     found.append(Run(source, s.name, axis, reverse, cues, present))
             save_runs(part, found)
