@@ -22,3 +22,20 @@ SAM2_KEYS_FILE = Path(__file__).parent / "data" / "sam2-keys.json"
 @pytest.fixture(scope="session")
 def sam2_keys() -> dict:
     return json.loads(SAM2_KEYS_FILE.read_text())
+
+
+# The evaluation, extent and corrections tests' tiny box-tracking model and generated volume (a test module may
+# define its own fixture of the same name, which then takes precedence).
+@pytest.fixture(scope="module")
+def model():
+    from golden import box_tracking_model
+
+    return box_tracking_model()
+
+
+@pytest.fixture(scope="module")
+def volume():
+    from golden import generated_held_out_volume
+    from heldout_fixtures import X, Y, Z
+
+    return generated_held_out_volume((Z, Y, X))

@@ -9,33 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from golden import box_tracking_model, generated_held_out_volume
+from heldout_fixtures import X, Y, Z, box_reference
 
 from medsam2 import metrics
 from medsam2.preprocess import prepare_intensities
 from medsam2.prompts import Prompt
 from medsam2.train import corrections as cr
 from medsam2.train import evaluate as ev
-from medsam2.train import heldout as ho
 from medsam2.train import report
-
-Z, Y, X = 8, 24, 32
-
-
-@pytest.fixture(scope="module")
-def model():
-    return box_tracking_model()
-
-
-@pytest.fixture(scope="module")
-def volume() -> ho.HeldOutVolume:
-    return generated_held_out_volume((Z, Y, X))
-
-
-def _reference() -> np.ndarray:
-    reference = np.zeros((Z, Y, X), bool)
-    reference[1:7, 6:18, 8:24] = True
-    return reference
 
 
 def _wrong(reference: np.ndarray, errors: dict[int, int]) -> np.ndarray:
@@ -47,7 +28,7 @@ def _wrong(reference: np.ndarray, errors: dict[int, int]) -> np.ndarray:
 
 
 def test_the_worst_slice_is_the_one_with_most_differing_voxels_not_yet_corrected():
-    reference = _reference()
+    reference = box_reference()
     prediction = _wrong(reference, {2: 5, 5: 40, 6: 12})
     assert cr.worst_slice(prediction, reference) == 5
     assert cr.worst_slice(prediction, reference, corrected=[5]) == 6
@@ -56,7 +37,7 @@ def test_the_worst_slice_is_the_one_with_most_differing_voxels_not_yet_corrected
 
 
 def test_a_corrected_slice_holds_the_reference_exactly_whatever_the_method_answers():
-    reference = _reference()
+    reference = box_reference()
     wrong = _wrong(reference, {1: 30, 4: 50, 6: 10})
     seen = []
 
@@ -76,7 +57,7 @@ def test_a_corrected_slice_holds_the_reference_exactly_whatever_the_method_answe
 
 
 def test_dice_does_not_fall_for_an_oracle_like_segmenter_and_stays_once_nothing_is_left():
-    reference = _reference()
+    reference = box_reference()
     errors = {z: 20 + 7 * z for z in range(Z)}
 
     def oracle(corrections):  # a correction also fixes the slices next to it

@@ -19,24 +19,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from golden import box_tracking_model, generated_held_out_volume
+from heldout_fixtures import X, Y, Z
 
 from medsam2.preprocess import prepare_intensities
 from medsam2.train import evaluate as ev
 from medsam2.train import extent, report
 from medsam2.train import heldout as ho
-
-Z, Y, X = 8, 24, 32
-
-
-@pytest.fixture(scope="module")
-def model():
-    return box_tracking_model()
-
-
-@pytest.fixture(scope="module")
-def volume() -> ho.HeldOutVolume:
-    return generated_held_out_volume((Z, Y, X))
 
 
 def test_previous_box_chain_starts_on_the_prompt_and_stops_at_the_first_empty_slice(model, volume):

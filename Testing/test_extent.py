@@ -10,34 +10,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from golden import box_tracking_model, generated_held_out_volume
+from heldout_fixtures import X, Y, Z, box_reference
 
 from medsam2.preprocess import prepare_intensities
 from medsam2.train import evaluate as ev
 from medsam2.train import extent, report
 from medsam2.train import heldout as ho
 
-Z, Y, X = 8, 24, 32
-
-
-@pytest.fixture(scope="module")
-def model():
-    return box_tracking_model()
-
-
-@pytest.fixture(scope="module")
-def volume() -> ho.HeldOutVolume:
-    return generated_held_out_volume((Z, Y, X))
-
-
-def _reference() -> np.ndarray:
-    reference = np.zeros((Z, Y, X), bool)
-    reference[1:7, 6:18, 8:24] = True
-    return reference
-
 
 def test_presence_precision_and_recall_count_slices():
-    reference = _reference()  # present on slices 1..6
+    reference = box_reference()  # present on slices 1..6
     scores = np.array([-1.0, 2.0, 3.0, -0.5, 1.0, 0.0, 4.0, 5.0])  # called present: 1, 2, 4, 6, 7
     counts = extent.presence_precision_recall(scores, reference)
     assert counts == {
@@ -51,7 +33,7 @@ def test_presence_precision_and_recall_count_slices():
 
 
 def test_pooled_presence_weighs_every_slice_once_and_the_mean_every_structure_once():
-    reference = _reference()
+    reference = box_reference()
     small = np.zeros((Z, Y, X), bool)
     small[3, 2:4, 2:4] = True  # one slice
     rows = [
