@@ -120,6 +120,19 @@ def segment_on_grid(segmentation, segment_id, volume):
     return full
 
 
+def replace_segment(segmentation, segment_id, volume, mask):
+    """Set a segment to the ``[K, J, I]`` ``mask`` with Slicer's own API, as the Segment Editor's effects do."""
+    dims = volume.GetImageData().GetDimensions()
+    image = slicer.vtkOrientedImageData()
+    image.SetDimensions(*dims)
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = mask.ravel()
+    image.SetImageToWorldMatrix(vtk_matrix(world_grid(volume)))
+    assert SEGMENT_LOGIC.SetBinaryLabelmapToSegment(
+        image, segmentation, segment_id, SEGMENT_LOGIC.MODE_REPLACE
+    )
+
+
 def all_segments(segmentation, volume):
     seg = segmentation.GetSegmentation()
     ids = [seg.GetNthSegmentID(n) for n in range(seg.GetNumberOfSegments())]

@@ -99,7 +99,7 @@ def test_a_correction_restarts_the_box_chain_from_its_box_in_both_directions(mod
     np.testing.assert_array_equal(erased[:corrected], segment({})[:corrected])
 
 
-def test_memory_methods_rerun_with_the_corrections_as_mask_prompts(model, volume, monkeypatch):
+def test_memory_methods_rerun_with_the_corrections_as_mask_or_absent_prompts(model, volume, monkeypatch):
     calls = []
 
     def recording(*args, **kwargs):
@@ -115,9 +115,15 @@ def test_memory_methods_rerun_with_the_corrections_as_mask_prompts(model, volume
     empty = np.zeros((Y, X), bool)
     mask = segment({1: reference[1], start: reference[start], 7: empty})
     assert mask.shape == (Z, Y, X) and mask.dtype == bool
-    # The box on a corrected slice gives way to the drawn mask; an empty slice is no prompt.
-    assert [(p.index, p.box is None) for p in calls[0]] == [(1, True), (start, True)]
+    # The box on a corrected slice gives way to the drawn mask; a slice drawn empty says the object is
+    # not there, and the run does not carry it across that slice.
+    assert [(p.index, p.box is None, p.absent) for p in calls[0]] == [
+        (1, True, False),
+        (start, True, False),
+        (7, True, True),
+    ]
     np.testing.assert_array_equal(calls[0][1].mask, reference[start])
+    assert start < 7 and not mask[7:].any()
     segment({})
     assert [(p.index, p.box is not None) for p in calls[1]] == [(start, True)]
 

@@ -12,10 +12,10 @@ import pytest
 import SimpleITK as sitk
 import slicer
 import vtk
+from golden import golden_model
 from slicer_scene import (
     DATA,
     REFERENCE_GEOMETRY,
-    SEGMENT_LOGIC,
     OracleEngine,
     add_points,
     add_transform,
@@ -28,12 +28,11 @@ from slicer_scene import (
     node_to_world,
     numpy_matrix,
     painted,
+    replace_segment,
     segment_on_grid,
-    vtk_matrix,
     world_grid,
     world_of,
 )
-from vtk.util import numpy_support
 
 import medsam2
 from medsam2.errors import Cancelled, InputError
@@ -308,12 +307,7 @@ def test_correction_re_propagates_only_the_corrected_object(scene):
     edited = segment_on_grid(segmentation, a, volume)
     edited[18, 40:50, 35:45] = True
     geometry = volume_geometry(volume)
-    image = slicer.vtkOrientedImageData()
-    image.SetDimensions(128, 128, 34)
-    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = edited.ravel()
-    image.SetImageToWorldMatrix(vtk_matrix(geometry.ijk_to_world))
-    assert SEGMENT_LOGIC.SetBinaryLabelmapToSegment(image, segmentation, a, SEGMENT_LOGIC.MODE_REPLACE)
+    replace_segment(segmentation, a, volume, edited)
 
     def reaching_further(model, volume, prompts, **kwargs):  # the propagation also finds A on slice 20
         result = engine(model, volume, prompts, **kwargs)
@@ -355,6 +349,41 @@ def test_correction_re_propagates_only_the_corrected_object(scene):
     expected = np.ones_like(edited)
     expected[18] = edited[18]
     np.testing.assert_array_equal(segment_on_grid(segmentation, hand, volume), expected)
+
+
+def test_erasing_the_object_on_a_slice_ends_it_there_when_re_propagated(scene):
+    """A radiologist erases the object on a slice past its end and re-propagates: the erased slice becomes an
+    absent prompt, and the real engine (``medsam2.segment_volume``, a tiny model that finds the object on every
+    slice) no longer carries the object across it. The erase is made with Slicer's own
+    ``SetBinaryLabelmapToSegment``, where the Segment Editor's erase ends (slicer-core: the MRML logic, not
+    the editor's widgets)."""
+    volume = load_ct(scene)
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    logic = SegmentationLogic(model=golden_model(presence_shift=5.0), engine=medsam2.segment_volume)
+    options = {"orientations": 2}
+    prompt = medsam2.prompts.Prompt(axis=0, index=15, box=(30, 30, 60, 60))
+    a = logic.segment(volume, segmentation, [prompt], options=options)
+    first = segment_on_grid(segmentation, a, volume)
+    assert first[25:].any() and first[:5].any()  # the model runs on through the volume
+
+    erased = first.copy()
+    erased[22] = False
+    erased[3] = False
+    replace_segment(segmentation, a, volume, erased)
+    correction = logic.correct(volume, segmentation, a)
+    assert (correction.axis, correction.slices) == (0, [3, 22])
+    after = segment_on_grid(segmentation, a, volume)
+    assert not after[22:].any() and not after[:4].any()
+    assert after[4:22].any(axis=(1, 2)).all()
+    assert [(p.index, p.absent) for p in logic._runs[(segmentation.GetID(), a)][-1].prompts] == [
+        (15, False),
+        (3, True),
+        (22, True),
+    ]
+    # Erasing the prompted slice too leaves nothing to start from: refused, the segment left as it was.
+    replace_segment(segmentation, a, volume, after & (np.arange(34) != 15)[:, None, None])
+    with pytest.raises(InputError, match="nothing to start from"):
+        logic.correct(volume, segmentation, a, slices=[15])
 
 
 def test_model_is_loaded_once_on_first_use_and_default_engine_is_looked_up(scene, monkeypatch):

@@ -343,12 +343,14 @@ class SegmentationLogic:
     ) -> tuple[Request, Correction]:
         """A run that re-segments ``segment_id`` starting from its corrected slices (GUI thread).
 
-        Each corrected slice, as the segment now shows it, becomes a mask prompt; prompts of the segment's
-        last run on other slices are kept, so the first clicks still count. The corrected slices are written
-        back exactly as drawn. ``slices`` (along ``axis``, default the last run's prompt axis) can be given;
-        when None they are found by comparing the segment with what the last run wrote, along the axis
-        where the edits touch the fewest slices. "The last run" is the run on this volume whose result the
-        segment differs from least (the newest of equals): after an undo that is the run the undo went back to.
+        Each corrected slice, as the segment now shows it, becomes a mask prompt, or, erased to empty, a
+        prompt that the object is absent there (the run then does not carry it across that slice); prompts
+        of the segment's last run on other slices are kept, so the first clicks still count. The corrected
+        slices are written back exactly as drawn. ``slices`` (along ``axis``, default the last run's prompt
+        axis) can be given; when None they are found by comparing the segment with what the last run wrote,
+        along the axis where the edits touch the fewest slices. "The last run" is the run on this volume
+        whose result the segment differs from least (the newest of equals): after an undo that is the run
+        the undo went back to.
         """
         geometry = volume_geometry(volume_node)
         current = read_segment_mask(segmentation_node, segment_id, geometry)
@@ -372,17 +374,19 @@ class SegmentationLogic:
                 raise InputError(f"Corrected slices {slices} must lie in 0..{geometry.shape[axis] - 1}")
         masks = [np.take(current, index, axis=axis) for index in slices]
         obj_id = record.prompts[0].obj_id if record else 1
+        # A slice erased to empty says the object is not there: tracking must not carry it across.
         prompts = [
             Prompt(axis=axis, index=i, obj_id=obj_id, mask=m)
-            for i, m in zip(slices, masks, strict=True)
             if m.any()
+            else Prompt(axis=axis, index=i, obj_id=obj_id, absent=True)
+            for i, m in zip(slices, masks, strict=True)
         ]
-        if not prompts:
+        if record is not None:
+            prompts = [p for p in record.prompts if not (p.axis == axis and p.index in slices)] + prompts
+        if all(p.absent for p in prompts):
             raise InputError(
                 f"Segment '{segment_id}' is empty on the corrected slices {slices}: nothing to start from"
             )
-        if record is not None:
-            prompts = [p for p in record.prompts if not (p.axis == axis and p.index in slices)] + prompts
         merged_options = {**(record.options if record else {}), **(options or {})}
         request = self.prepare(
             volume_node,

@@ -20,6 +20,10 @@ class Prompt:
     ``[Z, X]``) or ``volume[:, :, index]`` (axis 2, ``[Z, Y]``). ``points`` are ``(x, y)`` = (column, row) of
     that image with ``labels`` 1 (positive) or 0 (negative); ``box`` is ``(x0, y0, x1, y1)``; ``mask`` is a
     boolean image of the slice's shape.
+
+    ``absent=True`` (with no points, box or mask) says the object is not on this slice, as a radiologist says
+    by erasing it there: tracking does not carry the object across the slice, so the object keeps only the
+    slices it can reach from its other prompts without crossing one (:func:`allowed_slices`).
     """
 
     axis: int
@@ -29,13 +33,19 @@ class Prompt:
     labels: Sequence[int] | None = None
     box: Sequence[float] | None = None
     mask: np.ndarray | None = field(default=None, repr=False)
+    absent: bool = False
 
     def __post_init__(self) -> None:
         if self.axis not in AXIS_NAMES:
             raise InputError(f"Prompt axis must be 0 (axial), 1 (coronal) or 2 (sagittal), got {self.axis!r}")
         if int(self.obj_id) < 1:
             raise InputError(f"Prompt obj_id must be a positive integer, got {self.obj_id!r}")
-        if self.points is None and self.box is None and self.mask is None:
+        given = self.points is not None or self.box is not None or self.mask is not None
+        if self.absent and given:
+            raise InputError(
+                "An absent prompt says the object is not on the slice: it takes no points, box or mask"
+            )
+        if not self.absent and not given:
             raise InputError("A prompt needs points, a box or a mask")
         if self.points is not None:
             pts = np.asarray(self.points, dtype=np.float64)
@@ -93,6 +103,61 @@ class Prompt:
         if self.mask is not None and self.mask.shape != (rows, cols):
             raise InputError(
                 f"The prompt mask has shape {self.mask.shape}, but {where} needs shape ({rows}, {cols})"
+            )
+
+
+def footprint(prompt: Prompt, axis: int) -> set[int]:
+    """The slices along ``axis`` that ``prompt`` puts the object on: its own slice on its axis; on another
+    axis, the rows or columns of its image that its positive points, box or mask cover."""
+    if prompt.absent:
+        return set()
+    if prompt.axis == axis:
+        return {int(prompt.index)}
+    # A slice image's rows run along the first of the two other axes, its columns along the second.
+    along_rows = axis == min(a for a in AXIS_NAMES if a != prompt.axis)
+    out: set[int] = set()
+    if prompt.points is not None:
+        positive = np.asarray(prompt.points)[np.asarray(prompt.labels) == 1]
+        out.update(int(round(v)) for v in positive[:, 1 if along_rows else 0])
+    if prompt.box is not None:
+        low, high = (prompt.box[1], prompt.box[3]) if along_rows else (prompt.box[0], prompt.box[2])
+        out.update(range(int(np.floor(low)), int(np.ceil(high))))
+    if prompt.mask is not None:
+        out.update(np.flatnonzero(prompt.mask.any(axis=1 if along_rows else 0)).tolist())
+    return out
+
+
+def allowed_slices(prompts: Sequence[Prompt], obj_id: int, axis: int, depth: int) -> np.ndarray | None:
+    """Where along ``axis`` (``depth`` slices) object ``obj_id`` may be, as a ``[depth]`` bool array: every
+    run of slices between its absent slices on that axis that holds one of its prompts' footprints
+    (:func:`footprint`). ``None`` when it has no absent slice on that axis."""
+    absent = {p.index for p in prompts if p.obj_id == obj_id and p.absent and p.axis == axis}
+    if not absent:
+        return None
+    reached = set().union(*(footprint(p, axis) for p in prompts if p.obj_id == obj_id))
+    allowed = np.zeros(depth, bool)
+    run_start = 0
+    for stop in sorted(absent) + [depth]:
+        if any(run_start <= i < stop for i in reached):
+            allowed[run_start:stop] = True
+        run_start = stop + 1
+    return allowed
+
+
+def check_absent(prompts: Sequence[Prompt]) -> None:
+    """Raise ``InputError`` when an object has absent prompts only, or a slice both prompted and absent."""
+    for obj_id in sorted({p.obj_id for p in prompts}):
+        own = [p for p in prompts if p.obj_id == obj_id]
+        absent = {(p.axis, p.index) for p in own if p.absent}
+        if len(absent) == len(own):
+            raise InputError(
+                f"Object {obj_id} has only slices marked absent: it needs a click, box or mask somewhere"
+            )
+        both = sorted(absent & {(p.axis, p.index) for p in own if not p.absent})
+        if both:
+            axis, index = both[0]
+            raise InputError(
+                f"Object {obj_id} is both prompted and marked absent on {AXIS_NAMES[axis]} slice {index}"
             )
 
 

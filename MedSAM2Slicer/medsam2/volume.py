@@ -32,7 +32,7 @@ from .feature_cache import FeatureCache
 from .memory import MemoryOptions
 from .model.sam2 import SAM2Model
 from .preprocess import windowed_intensities
-from .prompts import Prompt
+from .prompts import Prompt, allowed_slices, check_absent
 from .session import Session
 from .upstream import segment_volume_upstream
 
@@ -164,6 +164,9 @@ def segment_volume(
     than the first pass did (and, with ``spacing``, at least as far apart in mm as the prompt axis's
     slices); the slices between get interpolated votes. The model always sees whole slices, as in training.
     ``early_stop`` ends a direction once every object has been absent for a few slices past the prompts.
+    Prompts with ``absent=True`` bound their object: it is background on the slices its other prompts cannot
+    reach without crossing one (:func:`~medsam2.prompts.allowed_slices`), and a direction ends once it has
+    passed every slice its objects may reach.
     ``progress(done, total, message)`` is called as frames complete; setting ``cancel`` stops within one
     frame with :class:`Cancelled`. ``feature_cache`` keeps the slices' image features for later runs on the
     same volume, model and intensity window (a correction, another object), which then skip encoding them.
@@ -171,8 +174,14 @@ def segment_volume(
     started = time.perf_counter()
     volume = _checked_volume(volume)
     prompts = _checked_prompts(prompts, volume.shape)
+    bounds = _absent_bounds(prompts, volume.shape)
+    prompts = [p for p in prompts if not p.absent]
     if pipeline == "upstream":
-        return segment_volume_upstream(model, volume, prompts, modality, window, progress, cancel)
+        result = segment_volume_upstream(model, volume, prompts, modality, window, progress, cancel)
+        if bounds:
+            _bound(result.probabilities, bounds)
+            result.labels = _labels(result.probabilities, sorted(result.probabilities))
+        return result
     if pipeline != "default":
         raise InputError(f"pipeline must be 'default' or 'upstream', got {pipeline!r}")
     if orientations not in (1, 2, 6):
@@ -209,9 +218,13 @@ def segment_volume(
     for axis in sorted(depth):
         objects = {o for o, a in primary_axis.items() if a == axis}
         own = [p for p in prompts if p.obj_id in objects and p.axis == axis]
-        runner.run_axis(axis, own, slices=None, both_directions=orientations > 1, user_prompts=own)
+        reach = {o: bounds[o][axis] for o in objects if axis in bounds.get(o, {})}
+        runner.run_axis(
+            axis, own, slices=None, both_directions=orientations > 1, user_prompts=own, reach=reach
+        )
     if orientations == 6:
         first_pass = votes.result()
+        _bound(first_pass, bounds)
         plans = []
         for axis in range(3):
             objects = {o for o, a in primary_axis.items() if a != axis}
@@ -245,6 +258,7 @@ def segment_volume(
 
     probabilities = votes.result()
     runner.restore_prompted_slices(probabilities)
+    _bound(probabilities, bounds)
     result.probabilities = probabilities
     result.labels = _labels(probabilities, obj_ids)
     runner.finish()
@@ -288,7 +302,15 @@ class _AxisRun:
     keep: set[tuple[int, int]]
     boxes: dict[int, Box]
     reached: dict[int, set[int]]
+    reach: dict[int, np.ndarray] = field(default_factory=dict)
     confidence: dict[int, list[float]] = field(default_factory=dict)
+
+    def beyond_reach(self, t: int, reverse: bool) -> bool:
+        """Whether no object of the run may be on a slice after frame ``t`` in the direction of travel."""
+        if set(self.reached) - set(self.reach):
+            return False
+        ahead = slice(None, self.visit[t]) if reverse else slice(self.visit[t] + 1, None)
+        return not any(allowed[ahead].any() for allowed in self.reach.values())
 
 
 class _PassRunner:
@@ -344,6 +366,7 @@ class _PassRunner:
         vote_boxes: dict[int, Box] | None = None,
         guides: dict[int, np.ndarray] | None = None,
         step: int = 1,
+        reach: dict[int, np.ndarray] | None = None,
     ) -> None:
         """Track along ``axis``, over the slice range ``slices`` (``None``: all), every ``step``-th slice.
 
@@ -352,7 +375,9 @@ class _PassRunner:
         it. ``guides``: per object, a ``[Z, Y, X]`` mask from an earlier pass whose extent on each slice guides
         a box-tracking model there (:meth:`Session.add_guide`). With ``step`` > 1 the slices from the first
         prompted one on are visited ``step`` apart (and every prompted slice), and a slice between two visited
-        ones gets their votes interpolated."""
+        ones gets their votes interpolated. ``reach``: per object, the slices of ``axis`` it may be on
+        (``[depth]`` bool, :func:`~medsam2.prompts.allowed_slices`); a direction ends once every object of the
+        run has passed its last one (objects not in ``reach`` may be anywhere)."""
         started = time.perf_counter()
         frames = np.moveaxis(self.intensities, axis, 0)
         first, last = slices or (0, frames.shape[0])
@@ -388,6 +413,7 @@ class _PassRunner:
             keep={(position[p.index], p.obj_id) for p in user_prompts},
             boxes=vote_boxes or {},
             reached={p.obj_id: set() for p in prompts},
+            reach=reach or {},
         )
         self._direction(session, run, min(prompted), max(prompted), False, f"{name} forward")
         if both_directions:
@@ -423,6 +449,8 @@ class _PassRunner:
             past_prompts = t < last_prompt if reverse else t > last_prompt
             absent_run = absent_run + 1 if all((x <= 0).all() for x in logits.values()) else 0
             if self.early_stop and past_prompts and absent_run >= _ABSENT_FRAMES_TO_STOP:
+                break
+            if past_prompts and run.beyond_reach(t, reverse):
                 break
         # An axis can run twice (for objects prompted on it, then as an extra axis for the others).
         self.result.frames_visited[name] = self.result.frames_visited.get(name, 0) + visited
@@ -592,6 +620,26 @@ def _checked_spacing(spacing: Sequence[float]) -> tuple[float, float, float]:
     return tuple(float(v) for v in values)
 
 
+def _absent_bounds(prompts: list[Prompt], shape: tuple[int, ...]) -> dict[int, dict[int, np.ndarray]]:
+    """Per object and axis with absent prompts, the slices it may be on (:func:`allowed_slices`)."""
+    bounds: dict[int, dict[int, np.ndarray]] = {}
+    for p in prompts:
+        if p.absent:
+            allowed = allowed_slices(prompts, p.obj_id, p.axis, shape[p.axis])
+            bounds.setdefault(p.obj_id, {})[p.axis] = allowed
+    return bounds
+
+
+def _bound(probabilities: dict[int, np.ndarray], bounds: dict[int, dict[int, np.ndarray]]) -> None:
+    """Set each object's probabilities to 0 on the slices it may not be on (in place)."""
+    for obj_id, axes in bounds.items():
+        if obj_id not in probabilities:
+            continue
+        for axis, allowed in axes.items():
+            for index in np.flatnonzero(~allowed):
+                probabilities[obj_id][_slice_index(axis, int(index))] = 0.0
+
+
 def _checked_prompts(prompts: Sequence[Prompt], shape: tuple[int, ...]) -> list[Prompt]:
     prompts = list(prompts)
     if not prompts:
@@ -602,4 +650,5 @@ def _checked_prompts(prompts: Sequence[Prompt], shape: tuple[int, ...]) -> list[
         if int(p.obj_id) > np.iinfo(np.uint16).max:  # labels are stored as uint16 at most
             raise InputError(f"Prompt obj_id must be at most 65535, got {p.obj_id}")
         p.check_fits(shape)
+    check_absent(prompts)
     return prompts

@@ -111,6 +111,8 @@ def encode_prompt(prompt: Prompt) -> dict:
         fields["box"] = np.asarray(prompt.box, dtype=float).tolist()
     if prompt.mask is not None:
         fields["mask"] = encode_array(np.asarray(prompt.mask, dtype=bool))
+    if prompt.absent:
+        fields["absent"] = True
     return fields
 
 
@@ -118,7 +120,7 @@ def decode_prompt(fields: dict, max_bytes: int) -> Prompt:
     """A :class:`Prompt` from its JSON fields; unknown or malformed fields raise ``InputError``."""
     if not isinstance(fields, dict):
         raise InputError(f"A prompt must be an object, got {type(fields).__name__}")
-    unknown = set(fields) - {"axis", "index", "obj_id", "points", "labels", "box", "mask"}
+    unknown = set(fields) - {"axis", "index", "obj_id", "points", "labels", "box", "mask", "absent"}
     if unknown:
         raise InputError(f"Unknown prompt fields: {', '.join(sorted(unknown))}")
     mask = fields.get("mask")
@@ -131,11 +133,18 @@ def decode_prompt(fields: dict, max_bytes: int) -> Prompt:
             labels=fields.get("labels"),
             box=fields.get("box"),
             mask=None if mask is None else decode_array(mask, max_bytes),
+            absent=_flag(fields.get("absent", False), "absent"),
         )
     except InputError:
         raise
     except (TypeError, ValueError) as error:
         raise InputError(f"Malformed prompt {_short(fields)}: {error}") from None
+
+
+def _flag(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise InputError(f"The prompt field {name!r} must be true or false, got {_short(value)}")
+    return value
 
 
 def _short(value) -> str:

@@ -7,10 +7,10 @@ the model says there, as the Slicer module writes a correction back verbatim (``
 
 How a correction re-runs each method of :mod:`medsam2.train.evaluate`:
 
-- (i)-(iii), :func:`memory_segmenter`: each corrected slice becomes a mask prompt; the first box is kept
-  unless its slice was corrected, and ``segment_volume`` runs again with the method's options. This is what
-  ``MedSAM2SlicerLib.logic.prepare_correction`` asks of the engine. A slice corrected to empty (the object is
-  not there) cannot be a prompt (a mask prompt must hold the object); it is only written back, as in Slicer.
+- (i)-(iii), :func:`memory_segmenter`: each corrected slice becomes a mask prompt, or, corrected to empty,
+  a prompt that the object is absent there (tracking does not carry it across that slice); the first box is
+  kept unless its slice was corrected, and ``segment_volume`` runs again with the method's options. This is
+  what ``MedSAM2SlicerLib.logic.prepare_correction`` asks of the engine.
 - (iv), :func:`box_chain_segmenter`: every corrected slice where the object is present restarts the box
   chain from the box of the drawn mask, in both directions; each chain, the first box's included, ends
   before the next corrected slice (or where it loses the object, as before), so the slices between two
@@ -86,8 +86,9 @@ def memory_segmenter(
         prompts = [prompt] if prompt.index not in corrections else []
         prompts += [
             Prompt(axis=0, index=z, obj_id=prompt.obj_id, mask=m)
-            for z, m in sorted(corrections.items())
             if m.any()
+            else Prompt(axis=0, index=z, obj_id=prompt.obj_id, absent=True)
+            for z, m in sorted(corrections.items())
         ]
         result = segment_volume(
             model,
