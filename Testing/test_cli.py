@@ -104,6 +104,15 @@ def test_pipeline_upstream_runs_bowang_labs_inference(tiny, tmp_path, capsys):
     np.testing.assert_array_equal(io.read_labels(out).array, expected.labels)
 
 
+def test_absent_slices_bound_the_object(tiny, tmp_path, capsys):
+    out = tmp_path / "bounded.nrrd"
+    prompt = ["--box", "40,40,90,90", "--slice", "20", "--orientations", "2", *tiny]
+    code, _, err = run(["segment", CT, "-o", out, *prompt, "--absent", "17", "--absent", "24"], capsys)
+    assert code == 0, err
+    found = np.flatnonzero(io.read_labels(out).array.any(axis=(1, 2)))
+    assert found.size and found.min() >= 18 and found.max() <= 23
+
+
 def test_threshold_and_obj_id_shape_the_label_map(tiny, tmp_path, capsys):
     default, strict = tmp_path / "default.nii.gz", tmp_path / "strict.nii.gz"
     prompt = ["--box", "40,40,90,90", *LAST_SLICES, "--obj-id", "3", *tiny]
@@ -210,6 +219,11 @@ BAD_INPUTS = {
     "bad label": (["--slice", "3", "--point", "5,5,2"], "label is 1 (include) or 0 (exclude)"),
     "no slice": (["--box", "1,1,9,9"], "Give --slice K"),
     "no prompt": (["--slice", "3"], "Give a prompt"),
+    "absent outside": (["--slice", "3", "--box", "1,1,9,9", "--absent", "40"], "Prompt slice 40 is outside"),
+    "absent on the prompt": (
+        ["--slice", "3", "--box", "1,1,9,9", "--absent", "3"],
+        "both prompted and marked",
+    ),
     "mask and box": (["--mask", "{small_mask}", "--box", "1,1,9,9"], "either --mask or --point/--box"),
     "mask shape": (["--mask", "{small_mask}"], "has shape (4, 8, 8) but the image has (34, 128, 128)"),
     "empty mask": (["--mask", "{empty_mask}", "--slice", "6"], "has no non-zero voxel on axial slice 6"),

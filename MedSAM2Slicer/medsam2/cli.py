@@ -271,6 +271,13 @@ def _prompt_options(parser: argparse.ArgumentParser, volume: bool) -> None:
             help="slice direction of the prompt (default: axial = the file's slices)",
         )
         group.add_argument(
+            "--absent",
+            action="append",
+            type=int,
+            metavar="K",
+            help="a slice along --axis where the object is not: it is not carried across it; repeatable",
+        )
+        group.add_argument(
             "--world",
             action="store_true",
             help="--point/--box are physical x,y,z in mm (LPS); the slice follows from them",

@@ -100,6 +100,7 @@ class PromptArgs:
     axis: str = "axial"
     world: bool = False
     obj_id: int = 1
+    absent: list[int] = field(default_factory=list)
 
 
 def volume_prompts(args: PromptArgs, image: io.Image) -> list[Prompt]:
@@ -127,6 +128,7 @@ def volume_prompts(args: PromptArgs, image: io.Image) -> list[Prompt]:
         points = [parse_numbers(p, (2, 3), "--point") for p in args.points]
         box = parse_numbers(args.box, (4,), "--box") if args.box is not None else None
         prompts = [_prompt(axis, args.slice_index, args.obj_id, points, box)]
+    prompts += [Prompt(axis=axis, index=k, obj_id=args.obj_id, absent=True) for k in args.absent]
     for p in prompts:
         p.check_fits(image.array.shape)
     return prompts

@@ -130,6 +130,7 @@ def prompt_args(args: argparse.Namespace) -> PromptArgs:
         axis=getattr(args, "axis", "axial"),
         world=getattr(args, "world", False),
         obj_id=getattr(args, "obj_id", 1),
+        absent=list(getattr(args, "absent", None) or []),
     )
 
 
