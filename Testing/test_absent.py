@@ -17,7 +17,7 @@ from golden import golden_model
 
 import medsam2
 from medsam2 import InputError, Prompt
-from medsam2.prompts import allowed_slices, footprint
+from medsam2.absent import allowed_slices, footprint
 from medsam2.service.wire import decode_prompt, encode_prompt
 
 SHAPE = (14, 18, 22)

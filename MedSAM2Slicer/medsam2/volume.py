@@ -27,12 +27,13 @@ from enum import Enum
 import numpy as np
 import torch
 
+from .absent import apply_bounds, bounds, check_absent
 from .errors import Cancelled, InputError
 from .feature_cache import FeatureCache
 from .memory import MemoryOptions
 from .model.sam2 import SAM2Model
 from .preprocess import windowed_intensities
-from .prompts import Prompt, allowed_slices, check_absent
+from .prompts import Prompt
 from .session import Session
 from .upstream import segment_volume_upstream
 
@@ -165,8 +166,8 @@ def segment_volume(
     slices); the slices between get interpolated votes. The model always sees whole slices, as in training.
     ``early_stop`` ends a direction once every object has been absent for a few slices past the prompts.
     Prompts with ``absent=True`` bound their object: it is background on the slices its other prompts cannot
-    reach without crossing one (:func:`~medsam2.prompts.allowed_slices`), and a direction ends once it has
-    passed every slice its objects may reach.
+    reach without crossing one (:mod:`medsam2.absent`), and a direction ends once it has passed every slice
+    its objects may reach.
     ``progress(done, total, message)`` is called as frames complete; setting ``cancel`` stops within one
     frame with :class:`Cancelled`. ``feature_cache`` keeps the slices' image features for later runs on the
     same volume, model and intensity window (a correction, another object), which then skip encoding them.
@@ -174,12 +175,12 @@ def segment_volume(
     started = time.perf_counter()
     volume = _checked_volume(volume)
     prompts = _checked_prompts(prompts, volume.shape)
-    bounds = _absent_bounds(prompts, volume.shape)
+    absent = bounds(prompts, volume.shape)
     prompts = [p for p in prompts if not p.absent]
     if pipeline == "upstream":
         result = segment_volume_upstream(model, volume, prompts, modality, window, progress, cancel)
-        if bounds:
-            _bound(result.probabilities, bounds)
+        if absent:
+            apply_bounds(result.probabilities, absent)
             result.labels = _labels(result.probabilities, sorted(result.probabilities))
         return result
     if pipeline != "default":
@@ -218,13 +219,13 @@ def segment_volume(
     for axis in sorted(depth):
         objects = {o for o, a in primary_axis.items() if a == axis}
         own = [p for p in prompts if p.obj_id in objects and p.axis == axis]
-        reach = {o: bounds[o][axis] for o in objects if axis in bounds.get(o, {})}
+        reach = {o: absent[o][axis] for o in objects if axis in absent.get(o, {})}
         runner.run_axis(
             axis, own, slices=None, both_directions=orientations > 1, user_prompts=own, reach=reach
         )
     if orientations == 6:
         first_pass = votes.result()
-        _bound(first_pass, bounds)
+        apply_bounds(first_pass, absent)
         plans = []
         for axis in range(3):
             objects = {o for o, a in primary_axis.items() if a != axis}
@@ -258,7 +259,7 @@ def segment_volume(
 
     probabilities = votes.result()
     runner.restore_prompted_slices(probabilities)
-    _bound(probabilities, bounds)
+    apply_bounds(probabilities, absent)
     result.probabilities = probabilities
     result.labels = _labels(probabilities, obj_ids)
     runner.finish()
@@ -376,7 +377,7 @@ class _PassRunner:
         a box-tracking model there (:meth:`Session.add_guide`). With ``step`` > 1 the slices from the first
         prompted one on are visited ``step`` apart (and every prompted slice), and a slice between two visited
         ones gets their votes interpolated. ``reach``: per object, the slices of ``axis`` it may be on
-        (``[depth]`` bool, :func:`~medsam2.prompts.allowed_slices`); a direction ends once every object of the
+        (``[depth]`` bool, :func:`medsam2.absent.allowed_slices`); a direction ends once every object of the
         run has passed its last one (objects not in ``reach`` may be anywhere)."""
         started = time.perf_counter()
         frames = np.moveaxis(self.intensities, axis, 0)
@@ -618,26 +619,6 @@ def _checked_spacing(spacing: Sequence[float]) -> tuple[float, float, float]:
     if values.shape != (3,) or not np.all(np.isfinite(values)) or np.any(values <= 0):
         raise InputError(f"spacing must be three positive numbers (z, y, x in mm), got {spacing!r}")
     return tuple(float(v) for v in values)
-
-
-def _absent_bounds(prompts: list[Prompt], shape: tuple[int, ...]) -> dict[int, dict[int, np.ndarray]]:
-    """Per object and axis with absent prompts, the slices it may be on (:func:`allowed_slices`)."""
-    bounds: dict[int, dict[int, np.ndarray]] = {}
-    for p in prompts:
-        if p.absent:
-            allowed = allowed_slices(prompts, p.obj_id, p.axis, shape[p.axis])
-            bounds.setdefault(p.obj_id, {})[p.axis] = allowed
-    return bounds
-
-
-def _bound(probabilities: dict[int, np.ndarray], bounds: dict[int, dict[int, np.ndarray]]) -> None:
-    """Set each object's probabilities to 0 on the slices it may not be on (in place)."""
-    for obj_id, axes in bounds.items():
-        if obj_id not in probabilities:
-            continue
-        for axis, allowed in axes.items():
-            for index in np.flatnonzero(~allowed):
-                probabilities[obj_id][_slice_index(axis, int(index))] = 0.0
 
 
 def _checked_prompts(prompts: Sequence[Prompt], shape: tuple[int, ...]) -> list[Prompt]:
