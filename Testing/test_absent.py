@@ -126,3 +126,14 @@ def test_absent_prompts_cross_the_wire():
     assert "absent" not in encode_prompt(Prompt(axis=0, index=1, box=(0, 0, 2, 2)))
     with pytest.raises(InputError, match="'absent' must be true or false"):
         decode_prompt({"axis": 0, "index": 1, "absent": "yes"}, 1 << 20)
+
+
+def test_the_upstream_pipeline_is_bounded_too(present_model):
+    volume = _volume()
+    prompt = Prompt(axis=0, index=6, box=(6, 5, 16, 12))
+    free = medsam2.segment_volume(present_model, volume, [prompt], pipeline="upstream")
+    assert np.flatnonzero(free.labels.any(axis=(1, 2))).max() > 9
+    mark = Prompt(axis=0, index=9, absent=True)
+    bounded = medsam2.segment_volume(present_model, volume, [prompt, mark], pipeline="upstream")
+    assert not bounded.labels[9:].any() and not bounded.probabilities[1][9:].any()
+    np.testing.assert_array_equal(bounded.labels[:9], free.labels[:9])

@@ -4,7 +4,8 @@ A prompt with ``absent=True`` on slice ``k`` of an axis bounds its object along 
 object's other prompts does not carry it across slice ``k``, so the object may only be on the runs of slices
 between its absent slices that one of its prompts reaches (:func:`allowed_slices`). ``segment_volume`` ends a
 direction once every object has passed the last slice it may be on, and sets the object to background on the
-slices it may not be on, on every pass (:func:`apply_bounds`).
+slices it may not be on, on every pass (:func:`apply_bounds`); the upstream pipeline, which tracks as
+bowang-lab's code does, gets its result bounded only.
 """
 
 from __future__ import annotations
