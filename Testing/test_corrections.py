@@ -207,3 +207,11 @@ def test_parts_run_separately_merge_into_one_evaluation_with_the_corrections_of_
     (tmp_path / "old.json").write_text(json.dumps(old))
     with pytest.raises(SystemExit, match="no 'extent'"):
         main(["report", str(tmp_path / "old.json")])
+
+
+def test_a_worker_reports_its_progress_on_stderr_not_among_the_tables(capsys):
+    """Workers of ``evaluate`` (``--only``, ``--jobs``) run for hours; their progress goes to stderr, since
+    stdout carries the Markdown tables."""
+    ev._progress("  CTChest4 (lung): (i) in 12 s")
+    captured = capsys.readouterr()
+    assert captured.err == "  CTChest4 (lung): (i) in 12 s\n" and captured.out == ""

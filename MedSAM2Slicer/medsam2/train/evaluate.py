@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import sys
 import threading
 import time
 from collections.abc import Collection, Iterator
@@ -444,9 +445,12 @@ def _run_job(
         started = time.perf_counter()
         return {"rows": one_prompt_2d(model, volumes, baseline), "seconds": time.perf_counter() - started}
     volume = next(v for v in volumes if v.name == job)
-    return evaluate_volume(
-        model, volume, baseline, log=lambda message: None, corrections=corrections, presence=presence
-    )
+    return evaluate_volume(model, volume, baseline, log=_progress, corrections=corrections, presence=presence)
+
+
+def _progress(message: str) -> None:
+    """A worker's progress line, on stderr: an evaluation can run for hours, and stdout carries its tables."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def evaluate(
