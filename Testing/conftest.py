@@ -39,3 +39,12 @@ def volume():
     from heldout_fixtures import X, Y, Z
 
     return generated_held_out_volume((Z, Y, X))
+
+
+# The tiny random-weight SAM 2.1 model of the golden files with its presence head shifted so that every tracked
+# frame is "present": without a bound, an object runs on through a whole volume.
+@pytest.fixture(scope="module")
+def present_model():
+    from golden import golden_model
+
+    return golden_model(presence_shift=5.0)

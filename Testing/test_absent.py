@@ -5,15 +5,14 @@ object out beyond an absent slice on every pass (the tracked one and the extra a
 the wire format, and refused inputs. The Slicer side (an erased slice becomes an absent prompt) is in
 ``test_slicer_logic.py``; the simulated user of the evaluation in ``test_corrections.py``.
 
-Model: the tiny random-weight SAM 2.1 model of the golden files with its presence head shifted so that every
-tracked slice is "present" (as in ``test_volume.py``): without a bound, the object runs through the volume.
+Model: ``present_model`` (conftest), a tiny model that finds the object on every tracked slice: without a
+bound, the object runs through the volume.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from golden import golden_model
 
 import medsam2
 from medsam2 import InputError, Prompt
@@ -21,11 +20,6 @@ from medsam2.absent import allowed_slices, footprint
 from medsam2.service.wire import decode_prompt, encode_prompt
 
 SHAPE = (14, 18, 22)
-
-
-@pytest.fixture(scope="module")
-def present_model() -> medsam2.SAM2Model:
-    return golden_model(presence_shift=5.0)
 
 
 def _volume() -> np.ndarray:
@@ -68,11 +62,11 @@ def test_a_prompt_on_another_axis_reaches_the_slices_it_covers():
     assert footprint(clicks, 0) == {7} and footprint(clicks, 1) == {3}
 
 
-def test_absent_prompts_are_refused_with_content_alone_or_on_a_prompted_slice():
+def test_absent_prompts_are_refused_with_content_alone_or_on_a_prompted_slice(present_model):
     with pytest.raises(InputError, match="takes no points, box or mask"):
         Prompt(axis=0, index=3, box=(1, 1, 4, 4), absent=True)
     volume = _volume()
-    model = golden_model(presence_shift=5.0)
+    model = present_model
     with pytest.raises(InputError, match="only slices marked absent"):
         medsam2.segment_volume(model, volume, [Prompt(axis=0, index=3, absent=True)])
     both = [Prompt(axis=0, index=6, mask=_square(SHAPE[1:])), Prompt(axis=0, index=6, absent=True)]

@@ -13,7 +13,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from golden import golden_config, golden_model
+from golden import golden_config
 from scipy import stats
 
 import medsam2
@@ -264,11 +264,6 @@ def test_without_resampling_every_entry_is_attended_once():
 
 
 # ---------------------------------------------------------------- in a session, with the tiny model
-
-
-@pytest.fixture(scope="module")
-def present_model() -> medsam2.SAM2Model:
-    return golden_model(presence_shift=5.0)
 
 
 @pytest.fixture(scope="module")

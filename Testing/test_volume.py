@@ -40,11 +40,6 @@ NAMES = ("axial", "coronal", "sagittal")
 
 
 @pytest.fixture(scope="module")
-def present_model() -> medsam2.SAM2Model:
-    return golden_model(presence_shift=5.0)
-
-
-@pytest.fixture(scope="module")
 def absent_model() -> medsam2.SAM2Model:
     return golden_model(presence_shift=-10.0)
 

@@ -79,9 +79,8 @@ def check_absent(prompts: Sequence[Prompt]) -> None:
 def bounds(prompts: Sequence[Prompt], shape: Sequence[int]) -> Bounds:
     """:func:`allowed_slices` for every object and axis with absent prompts in a ``shape`` ``[Z, Y, X]`` volume."""
     out: Bounds = {}
-    for p in prompts:
-        if p.absent:
-            out.setdefault(p.obj_id, {})[p.axis] = allowed_slices(prompts, p.obj_id, p.axis, shape[p.axis])
+    for obj_id, axis in sorted({(p.obj_id, p.axis) for p in prompts if p.absent}):
+        out.setdefault(obj_id, {})[axis] = allowed_slices(prompts, obj_id, axis, shape[axis])
     return out
 
 
