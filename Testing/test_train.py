@@ -131,6 +131,57 @@ def test_sampler_draws_only_objects_of_the_minimum_size_on_the_first_frame(cache
     assert sizes[0].min() < 400 <= sizes[1].min()
 
 
+def test_sampler_with_end_prob_one_draws_objects_that_end_inside_the_window(cache_folder):
+    cache = data.SourceCache(cache_folder, (2, 2, 2), TINY.image_size, FEATURES)
+    options = SamplerOptions(frames=4, shuffle_prob=0.0, end_prob=1.0)
+    sampler = SequenceSampler([cache], options, seeded_rng(0))
+    for _ in range(12):
+        s = sampler.sample()
+        present = s.masks.flatten(2).any(-1)  # [B, T]
+        assert present[:, 0].all() and not present[:, -1].any()
+    # Without it, windows drawn at random often keep their objects to the last frame.
+    plain = SequenceSampler([cache], SamplerOptions(frames=4, shuffle_prob=0.0), seeded_rng(0))
+    assert sum(bool(plain.sample().masks[:, -1].flatten(1).any(1).all()) for _ in range(12)) >= 3
+
+
+def test_a_run_with_init_weights_starts_from_them_and_a_checkpoint_wins_over_them(cache_folder, tmp_path):
+    from safetensors.torch import save_file
+
+    donor = _trainer(cache_folder, tmp_path / "donor")
+    with torch.no_grad():
+        for value in donor.trainable.values():
+            value.add_(0.5)
+    weights = tmp_path / "donor.safetensors"
+    save_file({n: p.detach().contiguous() for n, p in donor.model.state_dict().items()}, str(weights))
+
+    started = _trainer(cache_folder, tmp_path / "started")
+    started.options = TrainOptions(steps=6, warmup_steps=2, lr=1e-3, init_weights=str(weights))
+    assert not started.resume() and started.step == 0
+    assert all(torch.equal(started.trainable[n], donor.trainable[n]) for n in donor.trainable)
+    frozen = "sam_prompt_encoder.point_embeddings.0.weight"
+    assert torch.equal(
+        dict(started.model.named_parameters())[frozen], dict(_model().named_parameters())[frozen]
+    )
+
+    started.train_step()
+    started.save()
+    again = _trainer(cache_folder, tmp_path / "started")
+    again.options = started.options
+    assert again.resume() and again.step == 1
+    assert all(torch.equal(again.trainable[n], started.trainable[n]) for n in started.trainable)
+
+
+def test_init_weights_without_a_trainable_tensor_are_refused(cache_folder, tmp_path):
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "partial.safetensors"
+    save_file({"memory_attention_scale_missing": torch.zeros(2)}, str(weights))
+    trainer = _trainer(cache_folder, tmp_path / "run")
+    trainer.options = TrainOptions(init_weights=str(weights))
+    with pytest.raises(ValueError, match="has no"):
+        trainer.resume()
+
+
 def test_trainable_parameters_exclude_the_pretrained_parts():
     names = trainable_names(_model(), train_decoder=False)
     assert any(n.startswith("memory_attention.") for n in names)
@@ -263,6 +314,21 @@ def test_consecutive_sequences_track_with_the_previous_box_and_shuffled_ones_wit
     assert len(tracked_points) == 3 and first is not None
     for points in tracked_points:
         torch.testing.assert_close(points[0], first[0])
+
+    tracked_points.clear()
+    sequence.consecutive, sequence.memory_only = True, True  # from memory alone: no box on any tracked frame
+    with torch.inference_mode():
+        totals, _ = run_sequence(model, sequence, None)
+    assert tracked_points == [None, None, None] and totals.count == 4
+
+
+def test_sampler_marks_the_memory_only_share_of_sequences(cache_folder):
+    cache = data.SourceCache(cache_folder, (2, 2, 2), TINY.image_size, FEATURES)
+    shares = []
+    for prob in (0.0, 0.5, 1.0):
+        sampler = SequenceSampler([cache], SamplerOptions(frames=4, memory_only_prob=prob), seeded_rng(0))
+        shares.append(np.mean([sampler.sample().memory_only for _ in range(40)]))
+    assert shares[0] == 0.0 and 0.25 < shares[1] < 0.75 and shares[2] == 1.0
 
 
 def test_training_runs_end_to_end_and_writes_log_and_checkpoint(cache_folder, tmp_path):

@@ -95,10 +95,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         warmup_steps=args.warmup,
         train_decoder=args.train_decoder,
         seed=args.seed,
+        init_weights=None if args.init is None else str(args.init),
     )
     sampler = SequenceSampler(
         caches,
-        SamplerOptions(frames=args.frames, max_objects=args.objects, min_object_px=args.min_object_px),
+        SamplerOptions(
+            frames=args.frames,
+            max_objects=args.objects,
+            min_object_px=args.min_object_px,
+            end_prob=args.end_prob,
+            memory_only_prob=args.memory_only_prob,
+        ),
         seeded_rng(args.seed),
     )
     trainer = Trainer(model, sampler, options, args.workdir, log=log)
@@ -259,8 +266,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--min-object-px", type=int, default=0, help="smallest object on the prompted slice (pixels at 256^2)"
     )
+    p.add_argument(
+        "--end-prob", type=float, default=0.0, help="share of sequences that run past their objects' end"
+    )
+    p.add_argument(
+        "--memory-only-prob",
+        type=float,
+        default=0.0,
+        help="share of sequences tracked without the chained box",
+    )
     p.add_argument("--train-decoder", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--init", type=Path, default=None, help="trained medsam2-lite weights to start a fresh run from"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_run)

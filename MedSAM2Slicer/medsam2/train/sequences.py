@@ -6,6 +6,13 @@ object, in random order (one-prompt segmentation of unrelated images). Up to ``m
 on the first frame, each covering at least ``min_object_px`` pixels there, are tracked together. The first
 frame's prompt is a mask (50 %), one positive click (25 %) or a box (25 %) for all of them; up to
 ``max_corrections`` later frames get one corrective click each.
+
+With probability ``end_prob`` a consecutive sequence is one that runs past its objects' end: only objects
+present on the first frame and absent from the last are drawn. Windows drawn at random seldom contain an
+organ's end, yet stopping there is what the object score (and the memory it reads) must learn. With
+probability ``memory_only_prob`` a sequence's tracked frames are decoded from memory alone, without the
+chained box (``Sequence.memory_only``): the box otherwise says where the object is, and the memory learns
+nothing it has to carry.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ class SamplerOptions:
     # Objects smaller than this on the prompted first frame (pixels of the model input) are not drawn: a clinician
     # prompts a structure where it is well visible, and a sliver of a rib teaches the memory nothing.
     min_object_px: int = 0
+    end_prob: float = 0.0
+    memory_only_prob: float = 0.0
 
 
 @dataclass
@@ -40,7 +49,7 @@ class Sequence:
     """``features`` ``[T, C, h, w]``; ``masks`` ``[B, T, S, S]`` bool; ``prompt`` one of ``PROMPT_KINDS``;
     ``points`` ``[B, N, 2]`` and ``labels`` ``[B, N]`` of a click/box prompt (model pixels);
     ``corrections``: frames (> 0) that get a corrective click; ``consecutive``: neighbouring slices (False
-    for the shuffled one-prompt sequences)."""
+    for the shuffled one-prompt sequences); ``memory_only``: tracked frames get no chained box."""
 
     source: str
     axis: int
@@ -52,6 +61,7 @@ class Sequence:
     labels: torch.Tensor | None
     corrections: list[int]
     consecutive: bool = True
+    memory_only: bool = False
 
 
 class SequenceSampler:
@@ -96,12 +106,17 @@ class SequenceSampler:
             positions = list(range(start, start + t))
             if self.rng.random() < 0.5:
                 positions.reverse()
+        # Drawn only when asked for, so that runs without it keep their random stream.
+        past_end = not shuffled and self.options.end_prob > 0 and self.rng.random() < self.options.end_prob
         _, first_labels = cache.frame(axis, positions[0])
         present = [v for v in np.unique(first_labels).tolist() if v != 0]
         if not present:
             return None
         first = object_masks(first_labels, present)
         present = [v for v, m in zip(present, first) if m.any() and m.sum() >= self.options.min_object_px]
+        if past_end:
+            last = object_masks(cache.frame(axis, positions[-1])[1], present)
+            present = [v for v, m in zip(present, last) if not m.any()]
         if not present:
             return None
         k = min(self.options.max_objects, len(present))
@@ -115,6 +130,7 @@ class SequenceSampler:
         points, labels = self._prompt_points(prompt, masks[:, 0])
         n_corr = int(self.rng.integers(self.options.max_corrections + 1))
         corrections = sorted(self.rng.choice(np.arange(1, t), size=n_corr, replace=False).tolist())
+        memory_only = self.options.memory_only_prob > 0 and self.rng.random() < self.options.memory_only_prob
         return Sequence(
             source=cache.name,
             axis=axis,
@@ -126,6 +142,7 @@ class SequenceSampler:
             labels=labels,
             corrections=[int(c) for c in corrections],
             consecutive=not shuffled,
+            memory_only=memory_only,
         )
 
     def _slices_with(

@@ -15,7 +15,9 @@ predicted present).
 
 A model with a ``tracking_box_margin`` gets, on every tracked frame, the box of the previous frame's
 prediction (consecutive slices) or of the prompted first frame's (shuffled slices), as the session gives it;
-an object it has lost (``SAM2Model.lost_objects``) stays absent, and no loss reaches its decoding.
+an object it has lost (``SAM2Model.lost_objects``) stays absent, and no loss reaches its decoding. A
+``memory_only`` sequence gives it no box: its tracked frames are decoded from the memory-conditioned embedding
+alone.
 """
 
 from __future__ import annotations
@@ -182,7 +184,7 @@ def run_sequence(
         features_t = frame_features(t)
         context = policy.context(track, t, False, frames, descriptors[t])
         previous = (outputs[-1] if sequence.consecutive else outputs[0]).detach()
-        prediction = model.track(features_t, context, previous)
+        prediction = model.track(features_t, context, None if sequence.memory_only else previous)
         totals.add(prediction_losses(prediction, masks[:, t]))
         corrected = sampler is not None and t in sequence.corrections
         if corrected:

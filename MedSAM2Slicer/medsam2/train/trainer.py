@@ -70,6 +70,8 @@ class TrainOptions:
     decoder_lr_scale: float = 0.1
     checkpoint_every: int = 10
     seed: int = 0
+    # Trained medsam2-lite weights to start from instead of the identity start (recorded for provenance).
+    init_weights: str | None = None
 
 
 def trainable_names(model: nn.Module, train_decoder: bool) -> list[str]:
@@ -239,8 +241,11 @@ class Trainer:
         return self.checkpoint_path
 
     def resume(self) -> bool:
-        """Load ``checkpoint.pt`` from the work folder when it exists; returns whether it did."""
+        """Load ``checkpoint.pt`` from the work folder when it exists; returns whether it did. Without one, a
+        run with ``options.init_weights`` starts from those weights' trainable tensors."""
         if not self.checkpoint_path.is_file():
+            if self.options.init_weights:
+                self._load_trained(self.options.init_weights)
             return False
         state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
         with torch.no_grad():
@@ -252,6 +257,17 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.step = int(state["step"])
         return True
+
+    def _load_trained(self, path: str) -> None:
+        from ..checkpoint import read_state_dict
+
+        trained = read_state_dict(path)
+        missing = [n for n in self.trainable if n not in trained]
+        if missing:
+            raise ValueError(f"{path} has no {missing[0]} (and {len(missing) - 1} more trainable tensors)")
+        with torch.no_grad():
+            for name, value in self.trainable.items():
+                value.copy_(trained[name].to(value.dtype))
 
 
 def _attention_kernels(device: torch.device) -> contextlib.AbstractContextManager:
