@@ -197,6 +197,7 @@ class Trainer:
             source=sequence.source,
             prompt=sequence.prompt,
             objects=int(sequence.masks.shape[0]),
+            memory_only=sequence.memory_only,
         )
         return record
 
