@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from golden import box_tracking_model
+from golden import box_tracking_model, golden_model
 
 import medsam2
 import medsam2.model.sam2
 from medsam2.model.presence import CUE_NAMES, PresenceHead, Region, region_descriptor
+from medsam2.model.sam2 import PROMPTED_OBJECT_LOGIT
 from medsam2.train.presence import Run, fit, head_off, load_runs, save_runs, stop_errors
 
 T, H, W = 8, 24, 24
@@ -140,3 +141,27 @@ def test_head_off_records_the_cues_and_restores_the_head():
     assert len(captured) == T - 1 and captured[0].shape == (1, len(CUE_NAMES))
     assert all((results[t] > 0).any() for t in range(T))  # nothing was called absent meanwhile
     assert model.presence_head.bias.item() == pytest.approx(-2.0)
+
+
+def test_a_users_box_or_positive_click_keeps_the_object_where_prompts_assert_presence():
+    """medsam2-lite trusts the clinician's prompt on its frame; SAM 2 (the flag off) lets the score decide."""
+    rng = np.random.default_rng(0)
+    frames = rng.random((3, 48, 48)).astype(np.float32)
+    box = (10, 12, 30, 34)
+    answers = {}
+    for trusted in (False, True):
+        model = golden_model(presence_shift=-20.0)  # every object scored absent
+        model.config = model.config.replace(prompts_assert_presence=trusted)
+        session = medsam2.Session(model, frames)
+        boxed = session.add_prompt(0, box=box)
+        clicked = session.add_prompt(1, obj_id=2, points=[[20, 20]], labels=[1])
+        negative = session.add_prompt(2, obj_id=3, points=[[20, 20]], labels=[0])
+        score = float(session.tracks[1].pending[0].object_score)
+        tracked = dict(session.propagate(start=0))[1]
+        answers[trusted] = (boxed, clicked, negative, score, tracked)
+    boxed, clicked, negative, score, tracked = answers[True]
+    assert (boxed > 0).any() and (clicked > 0).any() and score >= PROMPTED_OBJECT_LOGIT
+    assert not (negative > 0).any()  # a negative click alone says nothing is there
+    assert not (tracked[1] > 0).any()  # frames the user did not prompt are still the score's to decide
+    boxed, clicked, _, score, _ = answers[False]
+    assert not (boxed > 0).any() and not (clicked > 0).any() and score < 0

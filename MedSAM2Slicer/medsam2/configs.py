@@ -116,6 +116,9 @@ class ModelConfig:
     tracking_box_margin: float | None = None
     # A presence head (medsam2.model.presence) judges each tracked frame's region against the prompted ones.
     presence_head: bool = False
+    # The user's box or positive click on a frame says the object is there: the object score cannot blank
+    # that frame's answer (False: SAM 2, where the score decides on prompted frames too).
+    prompts_assert_presence: bool = False
 
     # SAM 2.1 additions.
     no_obj_embed_spatial: bool = True
@@ -176,7 +179,8 @@ def _medsam2_lite() -> ModelConfig:
     # encoder. Memory attention then costs ~0.3 GMAC per frame with 6 memories (SAM 2's layout here: ~100).
     # LiteMedSAM's decoder only ever saw box prompts, so a tracked slice keeps getting one: the box of the
     # previous slice's mask, 5 % larger on each side; memory and the object score decide what is kept and
-    # when the object has ended (LiteMedSAM alone runs past the ends, DESIGN.md section 4).
+    # when the object has ended (LiteMedSAM alone runs past the ends, DESIGN.md section 4). The object-score
+    # head is ours, not LiteMedSAM's, and trained on few objects; a clinician's box keeps LiteMedSAM's answer.
     return ModelConfig(
         name="medsam2_lite",
         image_size=256,
@@ -194,6 +198,7 @@ def _medsam2_lite() -> ModelConfig:
         memory_fuser_layers=1,
         tracking_box_margin=0.05,
         presence_head=True,
+        prompts_assert_presence=True,
         **_SAM21_FLAGS,
     )
 

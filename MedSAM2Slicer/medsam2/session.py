@@ -139,7 +139,9 @@ class Session:
             previous_logits = previous.low_res_logits.to(self.model.device).clamp(
                 -_PREVIOUS_LOGIT_CLIP, _PREVIOUS_LOGIT_CLIP
             )
-        return self.model.predict(features, context, points=points_in, previous_logits=previous_logits)
+        return self.model.predict(
+            features, context, points=points_in, previous_logits=previous_logits, user_prompt=True
+        )
 
     def add_guide(self, frame: int, obj_id: int, box: Sequence[float]) -> None:
         """Track ``obj_id`` on ``frame`` with ``box`` ``(x0, y0, x1, y1)`` (frame pixels), e.g. the extent of

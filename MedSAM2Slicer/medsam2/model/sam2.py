@@ -19,6 +19,9 @@ from .presence import PresenceHead, Region, mask_area
 
 # Logit given to every pixel of an object predicted absent (sigmoid of it is 0).
 NO_OBJECT_LOGIT = -1024.0
+# The least object score of an object the user prompted with a box or a positive click, where the model's
+# config lets prompts assert presence (sigmoid(1) = 0.73: present, not certain).
+PROMPTED_OBJECT_LOGIT = 1.0
 
 # Logit scale and bias that turn a binary mask prompt into mask logits (sigmoid(-10) ~ 4.5e-5).
 _MASK_PROMPT_SCALE, _MASK_PROMPT_BIAS = 20.0, -10.0
@@ -288,13 +291,16 @@ class SAM2Model(nn.Module):
         points: tuple[torch.Tensor, torch.Tensor] | None = None,
         mask: torch.Tensor | None = None,
         previous_logits: torch.Tensor | None = None,
+        user_prompt: bool = False,
     ) -> MaskPrediction:
         """Predict the object's mask on one frame.
 
         ``points``: coordinates ``[B, N, 2]`` in input pixels (0..S) and labels ``[B, N]`` (1 positive,
         0 negative, 2/3 box corners). ``mask``: a binary mask prompt ``[B, 1, S, S]``, used as the output
         directly. ``previous_logits``: ``[B, 1, 4h, 4w]`` logits of an earlier prediction on this frame,
-        refined by new clicks. Without any prompt the frame is tracked from ``context``.
+        refined by new clicks. Without any prompt the frame is tracked from ``context``. ``user_prompt``: the
+        points are the user's, not a tracking box; with ``config.prompts_assert_presence`` a box or a positive
+        click then keeps the object present on this frame whatever its object score.
         """
         if mask is not None:
             prediction = self._mask_as_prediction(features, mask)
@@ -303,7 +309,12 @@ class SAM2Model(nn.Module):
             num_points = 0 if points is None else points[1].shape[1]
             # One click (or none, while tracking) is ambiguous: take the best of the three candidate masks.
             multimask = num_points <= 1
-            prediction = self._decode(embedding, features.high_res, points, previous_logits, multimask)
+            asserted = None
+            if user_prompt and points is not None and self.config.prompts_assert_presence:
+                asserted = (points[1] > 0).any(dim=1)  # a positive click (1) or box corners (2, 3)
+            prediction = self._decode(
+                embedding, features.high_res, points, previous_logits, multimask, asserted
+            )
         if self.presence_head is not None:
             prediction.region = Region.of(features, prediction.low_res_logits)
         return prediction
@@ -435,7 +446,10 @@ class SAM2Model(nn.Module):
         points: tuple[torch.Tensor, torch.Tensor] | None,
         mask_logits: torch.Tensor | None,
         multimask: bool,
+        asserted: torch.Tensor | None = None,
     ) -> MaskPrediction:
+        """``asserted``: ``[B]`` True for objects the user's prompt says are present (score raised to
+        ``PROMPTED_OBJECT_LOGIT`` at least)."""
         b = embedding.shape[0]
         if points is None:
             # The decoder always gets a point; a padding point (label -1) stands for "no click".
@@ -465,6 +479,9 @@ class SAM2Model(nn.Module):
             repeat_image=False,
             high_res_features=high_res,
         )
+        if asserted is not None:
+            raised = object_score.clamp_min(PROMPTED_OBJECT_LOGIT)
+            object_score = torch.where(asserted.view(-1, 1), raised, object_score)
         present = object_score > 0
         candidates = masks.float()
         if self.config.pred_obj_scores:
