@@ -249,9 +249,7 @@ class Trainer:
                 self._load_trained(self.options.init_weights)
             return False
         state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
-        with torch.no_grad():
-            for name, value in state["trainable"].items():
-                self.trainable[name].copy_(value)
+        self._set_trainable(state["trainable"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.rng.bit_generator.state = json.loads(state["numpy_rng"])
@@ -266,9 +264,13 @@ class Trainer:
         missing = [n for n in self.trainable if n not in trained]
         if missing:
             raise ValueError(f"{path} has no {missing[0]} (and {len(missing) - 1} more trainable tensors)")
+        self._set_trainable(trained)
+
+    def _set_trainable(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy every trainable tensor from ``tensors`` (which may hold more)."""
         with torch.no_grad():
             for name, value in self.trainable.items():
-                value.copy_(trained[name].to(value.dtype))
+                value.copy_(tensors[name].to(value.dtype))
 
 
 def _attention_kernels(device: torch.device) -> contextlib.AbstractContextManager:
