@@ -143,7 +143,12 @@ def test_a_gui_thread_that_holds_the_gil_does_not_slow_the_engine(scene, engine)
     """Slicer's GUI thread sits in Qt's event loop without releasing the GIL and runs Python only in short
     ticks. Here the main thread calls ``usleep(100 ms)`` through ``ctypes.PyDLL`` (which keeps the GIL) and
     runs the panel's poll step between calls; the run, in the server process, takes as long as with a main
-    thread that sleeps normally. The best of two runs each way is compared, alternating, against load noise."""
+    thread that sleeps normally. The best of two runs each way is compared, alternating, against load noise.
+
+    The bound is 2x, not "equal": on this 2-core machine under a parallel load the ratio has reached 1.30. An
+    engine that needed the GUI thread's GIL would run only in the gaps between the 100 ms holds, a few ms of
+    each (Python's 5 ms switch interval): a torch loop in a worker thread of this process, timed the same way,
+    ran 13x slower (a scratch check on this machine, 2026-12-07)."""
     volume, reference = load_ct(scene), load_segmentation(scene)
     logic = SegmentationLogic(TINY, device="cpu", engine=engine)
     options = {**TINY_OPTIONS, "early_stop": False}
@@ -168,7 +173,7 @@ def test_a_gui_thread_that_holds_the_gil_does_not_slow_the_engine(scene, engine)
     for _ in range(2):
         plain.append(timed(False))
         held.append(timed(True))
-    assert min(held) <= 1.3 * min(plain), (plain, held)
+    assert min(held) <= 2.0 * min(plain), (plain, held)
 
 
 def test_a_real_small_model_gives_the_same_labels_on_the_server(scene, engine):
