@@ -165,3 +165,16 @@ def test_a_users_box_or_positive_click_keeps_the_object_where_prompts_assert_pre
     assert not (tracked[1] > 0).any()  # frames the user did not prompt are still the score's to decide
     boxed, clicked, _, score, _ = answers[False]
     assert not (boxed > 0).any() and not (clicked > 0).any() and score < 0
+
+
+def test_fitting_refuses_weights_without_their_provenance_json_before_collecting(tmp_path):
+    """The head's record goes into the JSON beside ``--weights``; a missing one is reported at once, not after
+    the collection (minutes to hours of tracking runs), and nothing is written."""
+    from medsam2.train import main
+
+    weights = tmp_path / "scratch.safetensors"
+    weights.write_bytes(b"not read")
+    with pytest.raises(SystemExit, match="scratch.json not found"):
+        main(["presence", "--workdir", str(tmp_path / "work"), "--weights", str(weights)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scratch.safetensors", "work"]
+    assert not any((tmp_path / "work").iterdir())

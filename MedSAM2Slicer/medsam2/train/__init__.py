@@ -174,6 +174,13 @@ def cmd_presence(args: argparse.Namespace) -> int:
     from .evaluate import load_models
     from .presence import SPACING_MM, collect, fit, head_off_errors, write_head
 
+    provenance = Path(args.weights).with_suffix(".json")
+    if not provenance.is_file():
+        # Checked before the collection (minutes to hours), not after it, when the head is written.
+        raise SystemExit(
+            f"medsam2 train presence: {provenance} not found; the fitted head's record is added to the "
+            "provenance JSON beside --weights, so copy that JSON there too"
+        )
     log = _log(args.workdir)
     model, _ = load_models(args.weights, args.litemedsam)
     runs = []
