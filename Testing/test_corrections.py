@@ -129,10 +129,17 @@ def test_memory_methods_rerun_with_the_corrections_as_mask_or_absent_prompts(mod
 
 
 def test_evaluation_reports_dice_after_k_corrections_per_method(model, volume):
-    result = ev.evaluate_volume(model, volume, log=lambda message: None, corrections=3)
+    logged = []
+    result = ev.evaluate_volume(model, volume, log=logged.append, corrections=3)
     curves = result["corrections"]["organ"]
     assert list(curves) == list(cr.CORRECTED_METHODS)
     assert all(len(c) == 4 for c in curves.values())
+    # The log keeps each whole curve, should the run stop before it writes its JSON.
+    for method, curve in curves.items():
+        line = f"generated: organ, {method}: Dice after 0..3 corrections: " + " ".join(
+            f"{d:.3f}" for d in curve
+        )
+        assert any(entry.strip() == line for entry in logged), line
     results = {"volumes": {"generated": result}}
     summary = cr.summarize_corrections(results["volumes"])
     assert summary["corrections_tried"] == 3

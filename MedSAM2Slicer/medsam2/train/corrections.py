@@ -147,9 +147,9 @@ def volume_corrections(
             out[name] = {}
             for method, segment in segmenters.items():
                 out[name][method] = [round(d, 4) for d in correction_curve(segment, reference, k)]
-                log(
-                    f"  {volume.name}: {name}, {method}: Dice {out[name][method][0]:.3f} -> {out[name][method][-1]:.3f}"
-                )
+                # The whole curve, so that a run stopped before it writes its JSON still leaves its figures.
+                curve = " ".join(f"{d:.3f}" for d in out[name][method])
+                log(f"  {volume.name}: {name}, {method}: Dice after 0..{k} corrections: {curve}")
     return out
 
 
