@@ -172,9 +172,10 @@ def _means(records: list[dict]) -> dict[str, float]:
 
 def cmd_presence(args: argparse.Namespace) -> int:
     from .evaluate import load_models
+    from .export import provenance_path
     from .presence import SPACING_MM, collect, fit, head_off_errors, write_head
 
-    provenance = Path(args.weights).with_suffix(".json")
+    provenance = provenance_path(args.weights)
     if not provenance.is_file():
         # Checked before the collection (minutes to hours), not after it, when the head is written.
         raise SystemExit(

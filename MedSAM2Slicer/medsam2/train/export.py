@@ -14,6 +14,11 @@ from ..lite import litemedsam_to_model_keys
 from ..model.sam2 import SAM2Model
 
 
+def provenance_path(weights: str | Path) -> Path:
+    """The provenance JSON that goes with a weights file: beside it, same name, ``.json``."""
+    return Path(weights).with_suffix(".json")
+
+
 def export_weights(
     model: SAM2Model,
     litemedsam_state_dict: dict[str, torch.Tensor],
@@ -52,5 +57,5 @@ def export_weights(
         machine=f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores".strip(),
         torch=torch.__version__,
     )
-    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    provenance_path(out).write_text(json.dumps(record, indent=2) + "\n")
     return out

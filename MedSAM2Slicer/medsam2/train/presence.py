@@ -37,6 +37,7 @@ from ..model.sam2 import SAM2Model
 from ..preprocess import prepare_intensities
 from ..session import Session
 from .data import _READERS
+from .export import provenance_path
 
 PAST_END = 4
 # Isotropic voxels the sources are resampled to: the held-out TotalSegmentator files' 3 mm for the CT; the
@@ -329,7 +330,7 @@ def write_head(weights: Path, out: Path, weight: np.ndarray, bias: float, proven
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out)
     out.chmod(0o644)
-    record = json.loads(Path(weights).with_suffix(".json").read_text())
+    record = json.loads(provenance_path(weights).read_text())
     record["presence_head"] = {
         "cues": list(CUE_NAMES),
         "weight": [round(float(w), 6) for w in weight],
@@ -337,5 +338,5 @@ def write_head(weights: Path, out: Path, weight: np.ndarray, bias: float, proven
         **provenance,
     }
     record["tensors"] = len(tensors)
-    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    provenance_path(out).write_text(json.dumps(record, indent=2) + "\n")
     return out
