@@ -182,6 +182,29 @@ def test_init_weights_without_a_trainable_tensor_are_refused(cache_folder, tmp_p
         trainer.resume()
 
 
+def test_decoder_fine_tuning_starts_from_weights_that_omit_the_unchanged_decoder(cache_folder, tmp_path):
+    """A shipped file holds only what differs from LiteMedSAM: fine-tuning the decoder from it keeps the
+    decoder the model already holds, and takes everything the file has."""
+    from safetensors.torch import save_file
+
+    donor = _trainer(cache_folder, tmp_path / "donor")
+    with torch.no_grad():
+        for value in donor.trainable.values():
+            value.add_(0.5)
+    weights = tmp_path / "shipped.safetensors"
+    save_file({n: p.detach().contiguous() for n, p in donor.trainable.items()}, str(weights))
+
+    tuned = _trainer(cache_folder, tmp_path / "tuned")
+    pretrained = {n: p.detach().clone() for n, p in tuned.model.named_parameters()}
+    tuned.options = TrainOptions(train_decoder=True, init_weights=str(weights))
+    tuned = Trainer(tuned.model, tuned.sampler, tuned.options, tmp_path / "tuned")
+    assert not tuned.resume()
+    decoder = "sam_mask_decoder.transformer.layers.0.self_attn.q_proj.weight"
+    assert decoder in tuned.trainable and decoder not in donor.trainable
+    assert torch.equal(tuned.trainable[decoder], pretrained[decoder])
+    assert all(torch.equal(tuned.trainable[n], donor.trainable[n]) for n in donor.trainable)
+
+
 def test_trainable_parameters_exclude_the_pretrained_parts():
     names = trainable_names(_model(), train_decoder=False)
     assert any(n.startswith("memory_attention.") for n in names)

@@ -261,10 +261,13 @@ class Trainer:
         from ..checkpoint import read_state_dict
 
         trained = read_state_dict(path)
-        missing = [n for n in self.trainable if n not in trained]
+        # A shipped file omits what LiteMedSAM provides unchanged: with ``train_decoder``, the decoder's
+        # pretrained tensors then start from the LiteMedSAM values the model already holds.
+        always_trained = set(trainable_names(self.model, train_decoder=False))
+        missing = [n for n in self.trainable if n not in trained and n in always_trained]
         if missing:
             raise ValueError(f"{path} has no {missing[0]} (and {len(missing) - 1} more trainable tensors)")
-        self._set_trainable(trained)
+        self._set_trainable({**{n: p.detach() for n, p in self.trainable.items()}, **trained})
 
     def _set_trainable(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy every trainable tensor from ``tensors`` (which may hold more)."""
