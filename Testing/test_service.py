@@ -397,3 +397,33 @@ def test_a_model_download_shows_in_the_job_status(monkeypatch, tmp_path):
     (tmp_path / entry.filename).write_bytes(b"done")
     assert download_status(entry.name) == {}
     assert download_status("medsam2-lite") == {}  # shipped and assembled locally: nothing to download
+
+
+def test_the_model_pool_keeps_only_the_most_recently_used_models(tmp_path):
+    """Switching models in a session must not keep every model loaded; a model evicted while a job holds it
+    still runs that job."""
+    from medsam2.service.store import CheckpointStore, ModelKey, ModelPool
+
+    config = json.dumps(golden_config().__dict__, sort_keys=True)
+
+    def key(dtype, image_size=None):
+        return ModelKey(str(WEIGHTS), None, "cpu", dtype, config, image_size)
+
+    pool = ModelPool(CheckpointStore(tmp_path, 1 << 20), capacity=2)
+    first = pool.get(key(None))
+    assert pool.get(key(None)) is first
+    pool.get(key("float32"))
+    pool.get(key(None))  # now the most recently used
+    larger = key(None, 2 * golden_config().image_size)
+    pool.get(larger)
+    assert pool.loaded() == [key(None).label, larger.label]
+    pool.get(key("float32"))
+    assert pool.loaded() == [larger.label, key("float32").label]
+
+    held = medsam2.segment_volume(first, volume(), prompt(), orientations=1)
+    reloaded = pool.get(key(None))
+    assert reloaded is not first
+    again = medsam2.segment_volume(reloaded, volume(), prompt(), orientations=1)
+    np.testing.assert_array_equal(held.probabilities[1], again.probabilities[1])
+    with pytest.raises(ValueError, match="at least one"):
+        ModelPool(CheckpointStore(tmp_path, 1 << 20), capacity=0)

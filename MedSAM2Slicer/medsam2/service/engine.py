@@ -55,6 +55,7 @@ class Limits:
     array_store_bytes: int = 8192 * MiB  # uploaded arrays kept in memory
     feature_cache_bytes: int = 2048 * MiB  # image features kept per device
     checkpoint_bytes: int = 4096 * MiB  # one uploaded checkpoint
+    max_models: int = 2  # models kept loaded, the most recently used
 
 
 class ServiceEngine:
@@ -65,7 +66,7 @@ class ServiceEngine:
         self.limits = limits
         self.arrays = ArrayStore(limits.array_store_bytes)
         self.checkpoints = CheckpointStore(cache_dir / "uploads", limits.checkpoint_bytes)
-        self.models = ModelPool(self.checkpoints)
+        self.models = ModelPool(self.checkpoints, limits.max_models)
         self.queue = JobQueue(limits.max_queued)
         self._features: dict[str, FeatureCache] = {}
         self._lock = threading.Lock()

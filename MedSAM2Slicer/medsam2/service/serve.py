@@ -52,11 +52,20 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + name.replace("_bytes", "-mb").replace("_", "-")
         parser.add_argument(flag, dest=name, type=int, default=getattr(defaults, name) // MiB, help=help_text)
     parser.add_argument("--max-queued", type=int, default=defaults.max_queued, help="jobs waiting, at most")
+    parser.add_argument(
+        "--max-models",
+        type=int,
+        default=defaults.max_models,
+        help="models kept loaded, the most recently used",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.max_models < 1:
+        parser.error("--max-models must be at least 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     token = read_token(args.token_file)
     if token is None:
@@ -74,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     from .engine import Limits, ServiceEngine
 
     limits = Limits(
-        max_queued=args.max_queued, **{name: getattr(args, name) * MiB for name in _LIMITS_IN_MIB}
+        max_queued=args.max_queued,
+        max_models=args.max_models,
+        **{name: getattr(args, name) * MiB for name in _LIMITS_IN_MIB},
     )
     engine = ServiceEngine(models.cache_dir(), limits)
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)

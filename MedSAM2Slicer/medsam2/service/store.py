@@ -149,39 +149,72 @@ class ModelKey:
     @property
     def label(self) -> str:
         name = self.model or f"checkpoint {self.checkpoint[:12]}"
-        return f"{name} on {self.device}" + (f" ({self.dtype})" if self.dtype else "")
+        size = f" at {self.image_size} px" if self.image_size else ""
+        return f"{name}{size} on {self.device}" + (f" ({self.dtype})" if self.dtype else "")
 
 
 class ModelPool:
-    """Models loaded on first use and kept, one per :class:`ModelKey`."""
+    """Models loaded on first use, one per :class:`ModelKey`; the ``capacity`` most recently used are kept.
 
-    def __init__(self, checkpoints: CheckpointStore) -> None:
+    A clinician who tries several models in a session must not fill the GPU with all of them. An evicted model
+    stays alive for the jobs still holding it and is freed when they finish; the next request for it loads it
+    again.
+    """
+
+    def __init__(self, checkpoints: CheckpointStore, capacity: int = 2) -> None:
+        if capacity < 1:
+            raise ValueError(f"A model pool keeps at least one model, got capacity {capacity}")
         self.checkpoints = checkpoints
-        self._models: dict[ModelKey, object] = {}
+        self.capacity = capacity
+        self._models: OrderedDict[ModelKey, object] = OrderedDict()
         self._locks: dict[ModelKey, threading.Lock] = {}
         self._lock = threading.Lock()
 
     def get(self, key: ModelKey):
-        from ..load import load_model
-
         with self._lock:
             lock = self._locks.setdefault(key, threading.Lock())
         with lock:
-            model = self._models.get(key)
-            if model is None:
-                source = key.model if key.model is not None else self.checkpoints.path(key.checkpoint)
-                config = key.config
-                if config is not None and config.startswith("{"):
-                    config = model_config(json.loads(config))
-                model = load_model(
-                    source, config=config, image_size=key.image_size, device=key.device, dtype=key.dtype
-                )
+            with self._lock:
+                model = self._models.get(key)
+                if model is not None:
+                    self._models.move_to_end(key)
+                    return model
+            model = self._load(key)
+            with self._lock:
                 self._models[key] = model
+                evicted = [
+                    self._models.popitem(last=False)[0] for _ in range(len(self._models) - self.capacity)
+                ]
+            if any(k.device.startswith("cuda") for k in evicted):
+                _release_cuda_memory()
             return model
 
+    def _load(self, key: ModelKey):
+        from ..load import load_model
+
+        source = key.model if key.model is not None else self.checkpoints.path(key.checkpoint)
+        config = key.config
+        if config is not None and config.startswith("{"):
+            config = model_config(json.loads(config))
+        return load_model(
+            source, config=config, image_size=key.image_size, device=key.device, dtype=key.dtype
+        )
+
     def loaded(self) -> list[str]:
+        """Labels of the models kept, least recently used first."""
         with self._lock:
             return [key.label for key in self._models]
+
+
+def _release_cuda_memory() -> None:
+    """Give the CUDA caching allocator's free blocks back, so that an evicted model's memory is usable by other
+    processes too (it is reused by this one in any case)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def model_config(fields: dict) -> ModelConfig:
