@@ -194,10 +194,10 @@ def test_decoder_fine_tuning_starts_from_weights_that_omit_the_unchanged_decoder
     weights = tmp_path / "shipped.safetensors"
     save_file({n: p.detach().contiguous() for n, p in donor.trainable.items()}, str(weights))
 
-    tuned = _trainer(cache_folder, tmp_path / "tuned")
-    pretrained = {n: p.detach().clone() for n, p in tuned.model.named_parameters()}
-    tuned.options = TrainOptions(train_decoder=True, init_weights=str(weights))
-    tuned = Trainer(tuned.model, tuned.sampler, tuned.options, tmp_path / "tuned")
+    base = _trainer(cache_folder, tmp_path / "tuned")
+    pretrained = {n: p.detach().clone() for n, p in base.model.named_parameters()}
+    options = TrainOptions(train_decoder=True, init_weights=str(weights))
+    tuned = Trainer(base.model, base.sampler, options, tmp_path / "tuned")
     assert not tuned.resume()
     decoder = "sam_mask_decoder.transformer.layers.0.self_attn.q_proj.weight"
     assert decoder in tuned.trainable and decoder not in donor.trainable

@@ -267,7 +267,7 @@ class Trainer:
         missing = [n for n in self.trainable if n not in trained and n in always_trained]
         if missing:
             raise ValueError(f"{path} has no {missing[0]} (and {len(missing) - 1} more trainable tensors)")
-        self._set_trainable({**{n: p.detach() for n, p in self.trainable.items()}, **trained})
+        self._set_trainable({n: trained.get(n, p.detach()) for n, p in self.trainable.items()})
 
     def _set_trainable(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy every trainable tensor from ``tensors`` (which may hold more)."""
