@@ -9,7 +9,7 @@ from golden import box_tracking_model, golden_model
 
 import medsam2
 import medsam2.model.sam2
-from medsam2.model.presence import CUE_NAMES, PresenceHead, Region, region_descriptor
+from medsam2.model.presence import CUE_NAMES, PresenceHead, Region, region_descriptor, typical_cells
 from medsam2.model.sam2 import PROMPTED_OBJECT_LOGIT
 from medsam2.train.presence import Run, fit, head_off, load_runs, save_runs, stop_errors
 
@@ -29,7 +29,7 @@ def test_region_descriptor_averages_the_embedding_under_the_mask():
 
 
 def _region(direction: list[float], mean: float, spread: float) -> Region:
-    return Region(torch.tensor([direction]), torch.tensor([[mean, spread]]))
+    return Region(torch.tensor([direction]), torch.tensor([[mean, spread]]), torch.tensor([[mean, spread]]))
 
 
 def test_cues_take_the_most_alike_prompt_and_stand_in_for_a_missing_previous_frame():
@@ -56,6 +56,85 @@ def test_a_region_holds_the_intensity_under_its_mask():
     torch.testing.assert_close(region.intensity, torch.tensor([[0.5, 0.5]]))
     emptied = region.emptied(torch.tensor([True]))
     assert emptied.intensity.abs().sum() == 0 and emptied.descriptor.abs().sum() == 0
+    assert emptied.typical.isnan().all()
+
+
+def test_typical_intensity_is_the_median_and_absolute_deviation_of_the_covered_cells():
+    intensity = torch.tensor([[0.2, 0.3, 0.3, 0.9]]).reshape(1, 1, 2, 2)
+    features = medsam2.model.sam2.ImageFeatures(
+        torch.ones(1, 2, 2, 2), torch.zeros(1, 2, 2, 2), None, intensity
+    )
+    logits = torch.ones(1, 1, 8, 8)
+    logits[..., 4:, 4:] = -1.0  # the 0.9 cell is not covered
+    torch.testing.assert_close(Region.of(features, logits).typical, torch.tensor([[0.3, 0.0]]))
+    assert Region.of(features, -torch.ones(1, 1, 8, 8)).typical.isnan().all()
+
+
+def test_typical_cells_are_those_within_the_robust_spreads_of_some_prompted_region():
+    intensity = torch.tensor([0.0, 0.3, 0.65, 0.75, 0.95]).reshape(1, 1, 1, 5)
+
+    def region(median: float, mad: float) -> Region:
+        return Region(torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([[median, mad]]))
+
+    # 4 x 1.4826 x 0.1 = 0.593 either side of 0.3
+    assert typical_cells(intensity, [region(0.3, 0.1)], 4.0).flatten().tolist() == [1, 1, 1, 1, 0]
+    # a narrow region keeps 4 x the spread floor, 0.1, either side
+    lung = region(0.3, 0.02)
+    assert typical_cells(intensity, [lung], 4.0).flatten().tolist() == [1, 1, 1, 0, 0]
+    saturated = region(1.0, 0.0)  # contrast-filled blood clipped at 1
+    assert typical_cells(intensity, [saturated], 4.0).flatten().tolist() == [0, 0, 1, 1, 1]
+    assert typical_cells(intensity, [lung, saturated], 4.0).all()
+    empty = Region(torch.zeros(1, 2), torch.zeros(1, 2), torch.full((1, 2), float("nan")))
+    assert typical_cells(intensity, [lung, empty], 4.0).all()
+
+
+def test_a_tracked_mask_keeps_the_typical_cells_and_the_holes_they_enclose():
+    """Only the left half of the predicted mask has the object's intensity; an atypical spot inside it (a
+    vessel in a lung) stays, the atypical right half (the liver under it) goes."""
+    intensity = torch.full((1, 1, 8, 8), 0.3)
+    intensity[..., 4:] = 0.9
+    intensity[..., 3, 2] = 0.9
+    features = medsam2.model.sam2.ImageFeatures(
+        torch.ones(1, 2, 8, 8), torch.zeros(1, 2, 8, 8), None, intensity
+    )
+    model = box_tracking_model()
+    model.config = model.config.replace(typical_intensity_spreads=4.0)
+    logits = torch.full((1, 1, 32, 32), -5.0)
+    logits[..., 4:28, 4:28] = 5.0
+    prediction = medsam2.model.sam2.MaskPrediction(
+        logits, logits.clone(), torch.ones(1), torch.zeros(1, 4), torch.ones(1, 1)
+    )
+    prompted = Region(torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([[0.3, 0.01]]))
+    kept = model.keep_typical(prediction, features, [prompted])
+    expected = torch.zeros(32, 32, dtype=torch.bool)
+    expected[4:28, 4:16] = True
+    assert torch.equal(kept.low_res_logits[0, 0] > 0, expected)
+    assert torch.equal(kept.high_res_logits[0, 0] > 0, expected)
+    torch.testing.assert_close(kept.region.typical, torch.tensor([[0.3, 0.0]]))
+
+
+def test_tracking_stops_where_the_object_s_intensity_is_gone():
+    """A bright object on the first half of the frames, none on the rest: with the typical-intensity cut the
+    tracked mask empties on the first frame without it and the box chain ends; without it the (always
+    present) tiny model keeps drawing a mask in the chained box."""
+    frames = np.full((T, H, W), 0.2, np.float32)
+    frames[:, :, 0], frames[:, :, -1] = 0.0, 1.0  # each frame spans the same range before min-max scaling
+    frames[:4, 6:16, 5:17] = 0.8
+    mask = np.zeros((H, W), bool)
+    mask[6:16, 5:17] = True
+    results = {}
+    for spreads in (None, 4.0):
+        model = _with_head(box_tracking_model(), [0.0] * len(CUE_NAMES), 10.0)
+        model.config = model.config.replace(typical_intensity_spreads=spreads)
+        session = medsam2.Session(model, frames)
+        session.add_prompt(0, mask=mask)
+        results[spreads] = {t: logits[1] > 0 for t, logits in session.propagate()}
+    assert all(results[None][t].any() for t in range(4, T))
+    assert all(not results[4.0][t].any() for t in range(4, T))
+    # While the object is there, the kept mask lies on it (the tiny model's own masks spill far off it).
+    assert not any((results[4.0][t] & ~mask).any() for t in range(1, 4))
+    assert any((results[4.0][t] & mask).any() for t in range(1, 4))
+    assert any((results[None][t] & ~mask).any() for t in range(1, 4))
 
 
 def _frames() -> np.ndarray:

@@ -116,6 +116,9 @@ class ModelConfig:
     tracking_box_margin: float | None = None
     # A presence head (medsam2.model.presence) judges each tracked frame's region against the prompted ones.
     presence_head: bool = False
+    # With a presence head: a tracked mask keeps only the pixels whose intensity lies within this many robust
+    # spreads of the median under a prompted mask (medsam2.model.presence.typical_cells); None: keeps all.
+    typical_intensity_spreads: float | None = None
     # The user's box or positive click on a frame says the object is there: the object score cannot blank
     # that frame's answer (False: SAM 2, where the score decides on prompted frames too).
     prompts_assert_presence: bool = False
@@ -198,6 +201,7 @@ def _medsam2_lite() -> ModelConfig:
         memory_fuser_layers=1,
         tracking_box_margin=0.05,
         presence_head=True,
+        typical_intensity_spreads=4.0,
         prompts_assert_presence=True,
         **_SAM21_FLAGS,
     )

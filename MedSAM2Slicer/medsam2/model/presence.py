@@ -12,6 +12,12 @@ A :class:`Region` holds the frame's image embedding (the encoder's, before any m
 predicted mask, as a unit vector, and the mean and spread of the input image's intensity under it (CT windows
 and MR percentiles make intensities comparable from slice to slice). It is stored with each frame's result,
 so the prompted frames' regions are part of the object's memory.
+
+The same intensities, as a median and a robust spread, say which pixels of a tracked mask the object can
+hold at all (:func:`typical_cells`): a lung's tracked mask that slides onto the liver below the diaphragm keeps
+the box of the liver, and no per-slice presence judgement can tell that slice from the lung's last ones
+(BENCHMARKS 4d). Dropping the cells whose intensity the prompted object never had shrinks the mask, and the
+chained box with it, to what is still the object.
 """
 
 from __future__ import annotations
@@ -32,6 +38,11 @@ CUE_NAMES = (
 )
 # Intensity changes are in units of the earlier region's spread plus this (inputs are in [0, 1]).
 _INTENSITY_SPREAD_FLOOR = 0.05
+# The median absolute deviation times this estimates a normal spread (standard deviation).
+_MAD_TO_SD = 1.4826
+# The least spread of the typical band (inputs in [0, 1]): a heart in a mediastinum window is mostly
+# contrast-filled blood clipped at 1, so its MAD is 0, yet its muscle belongs to it.
+_TYPICAL_SPREAD_FLOOR = 0.1
 
 
 def region_descriptor(embedding: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -54,31 +65,62 @@ def mask_area(logits: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Region:
-    """What a mask covers on its frame: ``descriptor`` ``[B, C]`` (:func:`region_descriptor`) and
-    ``intensity`` ``[B, 2]``, the mean and standard deviation of the input image under it (zeros when the
-    features carry no intensity or the mask is empty)."""
+    """What a mask covers on its frame: ``descriptor`` ``[B, C]`` (:func:`region_descriptor`);
+    ``intensity`` ``[B, 2]``, the mean and standard deviation of the input image under it; ``typical``
+    ``[B, 2]``, the median and the median absolute deviation of the image's cells (embedding grid) the mask
+    covers at least half of. Intensities are zeros when the features carry none; ``typical`` is NaN for an
+    empty mask."""
 
     descriptor: torch.Tensor
     intensity: torch.Tensor
+    typical: torch.Tensor
 
     @classmethod
     def of(cls, features, logits: torch.Tensor) -> Region:
         """The region of mask ``logits`` ``[B, 1, H, W]`` on a frame's :class:`~medsam2.model.sam2.ImageFeatures`."""
         descriptor = region_descriptor(features.embedding, logits)
         if features.intensity is None:
-            return cls(descriptor, descriptor.new_zeros(len(descriptor), 2))
+            zeros = descriptor.new_zeros(len(descriptor), 2)
+            return cls(descriptor, zeros, zeros)
         image = features.intensity.float()
         weights = _mask_weights(logits, image)
         total = weights.sum(dim=(-2, -1)).clamp_min(1e-6)  # [B, 1]
         mean = (image * weights).sum(dim=(-2, -1)) / total
         variance = ((image - mean[..., None, None]) ** 2 * weights).sum(dim=(-2, -1)) / total
-        return cls(descriptor, torch.cat([mean, variance.sqrt()], dim=1))
+        return cls(descriptor, torch.cat([mean, variance.sqrt()], dim=1), _typical(image, weights >= 0.5))
 
     def emptied(self, rows: torch.Tensor) -> Region:
         """This region with the objects where ``rows`` ``[B]`` is True set to an empty mask's."""
         return Region(
-            self.descriptor.masked_fill(rows[:, None], 0.0), self.intensity.masked_fill(rows[:, None], 0.0)
+            self.descriptor.masked_fill(rows[:, None], 0.0),
+            self.intensity.masked_fill(rows[:, None], 0.0),
+            self.typical.masked_fill(rows[:, None], float("nan")),
         )
+
+
+def _typical(image: torch.Tensor, covered: torch.Tensor) -> torch.Tensor:
+    """Median and median absolute deviation ``[B, 2]`` of ``image`` ``[B, 1, h, w]`` over the ``covered``
+    cells (NaN where none is)."""
+    out = image.new_full((len(covered), 2), float("nan"))
+    for b, (values, inside) in enumerate(zip(image.expand_as(covered), covered)):
+        cells = values[inside]
+        if cells.numel():
+            median = cells.median()
+            out[b] = torch.stack([median, (cells - median).abs().median()])
+    return out
+
+
+def typical_cells(intensity: torch.Tensor, prompted: list[Region], spreads: float) -> torch.Tensor:
+    """``[B, 1, h, w]`` True for the cells of a frame's ``intensity`` ``[B, 1, h, w]`` that lie within
+    ``spreads`` robust standard deviations (at least ``_TYPICAL_SPREAD_FLOOR``) of the median of some
+    prompted region of the object; every cell where no prompted region has a mask."""
+    typical = torch.zeros_like(intensity, dtype=torch.bool)
+    for region in prompted:
+        median, mad = region.typical.to(intensity).unbind(dim=1)  # [B], [B]
+        half_width = spreads * torch.clamp_min(_MAD_TO_SD * mad, _TYPICAL_SPREAD_FLOOR)
+        within = (intensity - median[:, None, None, None]).abs() <= half_width[:, None, None, None]
+        typical |= within | median.isnan()[:, None, None, None]
+    return typical
 
 
 class PresenceHead(nn.Module):

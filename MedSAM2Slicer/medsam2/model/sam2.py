@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..configs import ModelConfig
 from .common import MLP
-from .presence import PresenceHead, Region, mask_area
+from .presence import PresenceHead, Region, mask_area, typical_cells
 
 # Logit given to every pixel of an object predicted absent (sigmoid of it is 0).
 NO_OBJECT_LOGIT = -1024.0
@@ -336,7 +337,9 @@ class SAM2Model(nn.Module):
 
         A model with a presence head also judges whether each object is still there (:meth:`judge_presence`)
         against the prompted frames' regions in ``context`` and the previous frame's ``previous_region``;
-        an object judged absent gets an empty mask, so a box-tracking model loses it there."""
+        an object judged absent gets an empty mask, so a box-tracking model loses it there. Before that, with
+        ``config.typical_intensity_spreads``, the mask keeps only the intensities the object has
+        (:meth:`keep_typical`)."""
         if guide is not None and self.config.tracking_box_margin is not None:
             return self.predict(features, context, points=self._grown_box(guide.reshape(-1, 4).unbind(1)))
         lost = self.lost_objects(previous_logits)
@@ -344,6 +347,8 @@ class SAM2Model(nn.Module):
             return self.lost_prediction(len(lost))
         prediction = self.predict(features, context, points=self.tracking_prompt(previous_logits))
         if self.presence_head is not None and context is not None and context.regions:
+            if self.config.typical_intensity_spreads is not None and features.intensity is not None:
+                prediction = self.keep_typical(prediction, features, context.regions)
             prediction = self.judge_presence(prediction, context.regions, previous_logits, previous_region)
         if lost is None or not bool(lost.any()):
             return prediction
@@ -377,6 +382,22 @@ class SAM2Model(nn.Module):
         present = (~absent).to(prediction.obj_ptr.dtype)[:, None]
         prediction.obj_ptr = self._pointer_for_presence(prediction.obj_ptr, present)
         prediction.region = prediction.region.emptied(absent)
+        return prediction
+
+    def keep_typical(
+        self, prediction: MaskPrediction, features: ImageFeatures, prompted_regions: list[Region]
+    ) -> MaskPrediction:
+        """``prediction`` with its mask cut to the cells of typical intensity for the object
+        (:func:`~medsam2.model.presence.typical_cells`), and the holes that cut opens inside the mask filled
+        again: vessels inside a lung are atypical, yet the lung around them keeps them."""
+        typical = typical_cells(
+            features.intensity.float(), prompted_regions, self.config.typical_intensity_spreads
+        )
+        kept = _fill_holes((prediction.low_res_logits > 0) & _resized(typical, prediction.low_res_logits))
+        prediction.low_res_logits = prediction.low_res_logits.masked_fill(~kept, NO_OBJECT_LOGIT)
+        high_res_kept = _resized(kept, prediction.high_res_logits)
+        prediction.high_res_logits = prediction.high_res_logits.masked_fill(~high_res_kept, NO_OBJECT_LOGIT)
+        prediction.region = Region.of(features, prediction.low_res_logits)
         return prediction
 
     def lost_objects(self, previous_logits: torch.Tensor | None) -> torch.Tensor | None:
@@ -541,6 +562,21 @@ class SAM2Model(nn.Module):
         """``[B, 1, 4h, 4w]`` logits -> ``[B, 1, S, S]`` (bilinear)."""
         size = (self.image_size, self.image_size)
         return F.interpolate(low_res, size=size, mode="bilinear", align_corners=False)
+
+
+def _resized(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Boolean ``mask`` ``[B, 1, h, w]`` on ``like``'s grid (nearest)."""
+    if mask.shape[-2:] == like.shape[-2:]:
+        return mask
+    return F.interpolate(mask.float(), size=like.shape[-2:], mode="nearest") > 0.5
+
+
+def _fill_holes(mask: torch.Tensor) -> torch.Tensor:
+    """``mask`` ``[B, 1, H, W]`` with every background region that does not touch the border filled."""
+    from scipy import ndimage
+
+    filled = [ndimage.binary_fill_holes(m[0]) for m in mask.cpu().numpy()]
+    return torch.from_numpy(np.stack(filled)[:, None]).to(mask.device)
 
 
 def _replace_rows(prediction: MaskPrediction, other: MaskPrediction, rows: torch.Tensor) -> MaskPrediction:
