@@ -70,6 +70,9 @@ def test_evaluate_volume_scores_every_method_and_structure(model, volume):
         assert s["hd95_mm"] >= 0 or math.isinf(s["hd95_mm"]), method
     assert set(result["seconds"]) == set(ev.METHODS)
     assert result["encoder"]["reused"] > 0  # (ii) and (iii) visit slices that (i) encoded
+    effect = result["extra_axes"]["organ"]
+    assert set(effect) == {"true_removed", "false_removed", "true_added", "false_added"}
+    assert all(isinstance(n, int) and n >= 0 for n in effect.values())
 
 
 def test_structures_are_segmented_together_in_the_window_they_are_read_in(model, volume, monkeypatch):

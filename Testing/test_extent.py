@@ -183,3 +183,64 @@ def test_a_small_structure_is_segmented_apart_and_gets_its_extent_and_volume(mod
     }
     assert summary["presence"]["small"] == extent.pooled_presence([result["presence"]["nodule"]])
     assert summary["presence"]["all"] == extent.pooled_presence([result["presence"]["organ"]])
+
+
+def test_six_orientations_against_two_counts_what_the_further_axes_removed_and_added():
+    """(iii) is (i)'s first pass, so the voxels where their masks differ are the further axes' doing."""
+    from medsam2.train.orientations import extra_axes_effect
+
+    reference = np.zeros((4, 6, 6), bool)
+    reference[1:3, 1:5, 1:5] = True  # 32 voxels
+    two = np.zeros_like(reference)
+    two[1:4, 1:5, 1:5] = True  # the reference and 16 false voxels on slice 3
+    six = two.copy()
+    six[3, 1:5, 1:3] = False  # 8 false removed
+    six[1, 1, 1:5] = False  # 4 true removed
+    six[0, 0, 0] = True  # 1 false added
+    assert extra_axes_effect(six, two, reference) == {
+        "true_removed": 4,
+        "false_removed": 8,
+        "true_added": 0,
+        "false_added": 1,
+    }
+
+
+def test_the_summary_splits_six_against_two_by_whether_the_first_pass_over_or_under_segments():
+    reference = np.zeros((6, 4, 4), bool)
+    reference[1:5, 1:3, 1:3] = True
+    exact = extent.extent_errors(reference, reference)
+
+    def scores(six, two, ratio):
+        dice = dict(zip(ev.METHODS, (six, 0.5, two, 0.5, 0.9)))
+        return {
+            m: {"dice": d, "hd95_mm": 1.0, "volume_ratio": ratio, "extent": exact} for m, d in dice.items()
+        }
+
+    effect = {"true_removed": 5, "false_removed": 40, "true_added": 0, "false_added": 2}
+    results = {
+        "volumes": {
+            "A": {
+                "scores": {
+                    "liver": scores(0.9, 0.8, 1.4),
+                    "spine": scores(0.5, 0.6, 0.6),
+                    "kidney": scores(0.7, 0.8, 0.9),
+                },
+                "extra_axes": {"liver": effect, "spine": effect, "kidney": effect},
+                "references": {n: {"ml": 1.0, "first": 1, "last": 4} for n in ("liver", "spine", "kidney")},
+                "seconds": {},
+            }
+        }
+    }
+    summary = ev.summarize(results)["extra_axes"]
+    assert (summary["structures"], summary["better"], summary["worse"]) == (3, 1, 2)
+    assert summary["mean_dice_change"] == pytest.approx(-1 / 30, abs=1e-4)
+    assert summary["where_first_pass_over_segments"] == {
+        "structures": 1,
+        "mean_dice_change": pytest.approx(0.1),
+    }
+    assert summary["where_first_pass_under_segments"]["mean_dice_change"] == pytest.approx(-0.1)
+    results["summary"] = ev.summarize(results)
+    table = report.markdown(results)
+    assert "| A | spine | 0.600 | 0.60 | 0.500 | 5 | 40 | 0 | 2 |" in table
+    assert "better on 1, worse on 2" in table and "+0.1000 on 1 where the first pass over-segments" in table
+    assert "extra_axes" not in ev.summarize({"volumes": {"A": {**results["volumes"]["A"], "extra_axes": {}}}})

@@ -28,6 +28,9 @@ slices at each end, and the share of structures ending within 2 slices of the re
 With ``presence``, the presence head is also judged on its own (:mod:`.extent`): from the same prompt, the
 object score on every axial slice of a both-ways propagation that nothing stops, and its per-slice precision
 and recall of "object present" against the reference's slices.
+
+(iii) is (i)'s first pass, so every volume also reports, per structure, the voxels that (i)'s further axes
+removed from (iii)'s mask and added to it, true and false (:mod:`.orientations`).
 """
 
 from __future__ import annotations
@@ -220,6 +223,11 @@ def evaluate_volume(
     }
     if found is not None:
         out["presence"] = found
+    from .orientations import extra_axes_effect
+
+    out["extra_axes"] = {
+        n: extra_axes_effect(masks[METHODS[0]][n], masks[METHODS[2]][n], references[n]) for n in names
+    }
     if corrections:
         from .corrections import volume_corrections
 
@@ -376,6 +384,11 @@ def summarize(results: dict) -> dict:
             "mean_dice_by_volume": {volume: _mean_dice(list(v.values())) for volume, v in small.items()},
             "ends_within": _ends_within_share(small_rows),
         }
+    from .orientations import summarize_extra_axes
+
+    extra_axes = summarize_extra_axes(volumes)
+    if extra_axes:
+        summary["extra_axes"] = extra_axes
     presence = {volume: v["presence"] for volume, v in volumes.items() if "presence" in v}
     if presence:
         by_volume = {volume: [p[n] for n in volumes[volume]["scores"]] for volume, p in presence.items()}

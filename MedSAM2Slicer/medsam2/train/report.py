@@ -7,18 +7,20 @@ import numpy as np
 from .corrections import corrections_markdown
 from .evaluate import METHODS, PRESENCE
 from .extent import ENDS_WITHIN_SLICES
+from .orientations import extra_axes_markdown
 
 SHORT = [m.split(")")[0] + ")" for m in METHODS]
 
 
 def markdown(results: dict) -> str:
     """The per-structure Dice / HD95 table with its means, the small structures' table, the axial extents,
-    the timings, the presence head's figures, the corrections and the 2D one-prompt table (those there are)."""
+    what six orientations changed against two, the timings, the presence head's figures, the corrections and
+    the 2D one-prompt table (those there are)."""
     summary = results.get("summary", {})
     tables = [_dice_table(results, "scores", summary)]
     if "small" in summary:
         tables.append(_dice_table(results, "small_scores", summary["small"]))
-    tables += [_extent_table(results), _seconds_table(results)]
+    tables += [_extent_table(results), extra_axes_markdown(results), _seconds_table(results)]
     if "presence" in summary:
         tables.append(_presence_table(summary["presence"]))
     if results.get("corrections"):
