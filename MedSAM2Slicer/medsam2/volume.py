@@ -92,14 +92,21 @@ class _Votes:
             self._run[obj_id] = np.zeros(self.shape, np.float32), np.zeros(self.shape, np.float32)
         return self._run[obj_id]
 
-    def add(self, axis: int, index: int, probabilities: dict[int, np.ndarray]) -> None:
-        """Add one pass's result on slice ``index`` of ``axis``."""
+    def add(
+        self,
+        axis: int,
+        index: int,
+        probabilities: dict[int, np.ndarray],
+        weights: dict[int, float] | None = None,
+    ) -> None:
+        """Add one pass's result on slice ``index`` of ``axis``, each object's counting ``weights`` (default 1)."""
         where = _slice_index(axis, index)
         for obj_id, prob in probabilities.items():
             vote = (prob > 0.5).astype(np.float32) if self.aggregate is Aggregation.MAJORITY else prob
+            weight = 1.0 if weights is None else weights.get(obj_id, 1.0)
             total, count = self._run_sums(obj_id)
-            total[where] += vote
-            count[where] += 1
+            total[where] += weight * vote
+            count[where] += weight
 
     def add_background(self, axis: int, obj_id: int, indices: Iterable[int]) -> None:
         """A background vote for ``obj_id`` on slices ``indices`` of ``axis``, which its passes did not reach."""
@@ -296,7 +303,8 @@ class _AxisRun:
     """One run along ``axis`` over the volume slices ``visit`` (frame ``t`` is slice ``visit[t]``): ``keep``
     holds the (frame, object) pairs the user prompted, ``boxes`` the objects' vote boxes, ``reached`` the
     volume slices each object's passes reached, ``confidence`` the predicted IoUs of the tracked frames where
-    each object was found."""
+    each object was found, ``prompted`` each object's prompted slices (seeds included), ``both_directions``
+    whether a reverse pass follows the forward one."""
 
     axis: int
     visit: list[int]
@@ -305,6 +313,27 @@ class _AxisRun:
     reached: dict[int, set[int]]
     reach: dict[int, np.ndarray] = field(default_factory=dict)
     confidence: dict[int, list[float]] = field(default_factory=dict)
+    prompted: dict[int, list[int]] = field(default_factory=dict)
+    both_directions: bool = True
+
+    def direction_weight(self, obj_id: int, index: int, reverse: bool) -> float:
+        """How much one direction's vote for ``obj_id`` on slice ``index`` counts.
+
+        Between two of the object's prompted slices both directions pass, each carrying the object from the
+        prompt behind it, and they can disagree entirely (a correction after a wrong first prompt): as two
+        equal votes they would cancel to 0.5 and leave the slice empty. So the direction coming from the
+        nearer prompt counts more, linearly, and the two weights sum to 1; a slice next to a correction takes
+        the correction's answer. Where one direction passes, and on a prompted slice (both give the prompt's
+        answer), each counts 1."""
+        slices = self.prompted.get(obj_id, [])
+        below = [s for s in slices if s <= index]
+        above = [s for s in slices if s >= index]
+        if not self.both_directions or not below or not above:
+            return 1.0
+        start, end = max(below), min(above)
+        if start == end:
+            return 1.0
+        return (index - start if reverse else end - index) / (end - start)
 
     def beyond_reach(self, t: int, reverse: bool) -> bool:
         """Whether no object of the run may be on a slice after frame ``t`` in the direction of travel."""
@@ -415,6 +444,10 @@ class _PassRunner:
             boxes=vote_boxes or {},
             reached={p.obj_id: set() for p in prompts},
             reach=reach or {},
+            prompted={
+                o: sorted({p.index for p in prompts if p.obj_id == o}) for o in {p.obj_id for p in prompts}
+            },
+            both_directions=both_directions,
         )
         self._direction(session, run, min(prompted), max(prompted), False, f"{name} forward")
         if both_directions:
@@ -434,13 +467,13 @@ class _PassRunner:
         # would vote, and would enter its memory.
         for t, logits in session.propagate(start=start, reverse=reverse, from_own_prompts=True):
             self._check_cancel()
-            voted = self._vote(run, t, {obj_id: _sigmoid(x) for obj_id, x in logits.items()})
+            voted = self._vote(run, t, {obj_id: _sigmoid(x) for obj_id, x in logits.items()}, reverse)
             for obj_id, prob in voted.items():
                 record = session.tracks[obj_id].tracked.get(t)  # None on a prompted frame
                 if record is not None and (logits[obj_id] > 0).any():
                     run.confidence.setdefault(obj_id, []).append(record.iou)
                 if obj_id in previous:
-                    self._vote_between(run, obj_id, previous[obj_id], (run.visit[t], prob))
+                    self._vote_between(run, obj_id, previous[obj_id], (run.visit[t], prob), reverse)
                 previous[obj_id] = (run.visit[t], prob)
             visited += 1
             self.done += 1
@@ -456,8 +489,11 @@ class _PassRunner:
         # An axis can run twice (for objects prompted on it, then as an extra axis for the others).
         self.result.frames_visited[name] = self.result.frames_visited.get(name, 0) + visited
 
-    def _vote(self, run: _AxisRun, t: int, probabilities: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
-        """Add frame ``t``'s probabilities as votes (outside an object's vote box: background); returns them."""
+    def _vote(
+        self, run: _AxisRun, t: int, probabilities: dict[int, np.ndarray], reverse: bool
+    ) -> dict[int, np.ndarray]:
+        """Add frame ``t``'s probabilities as votes (outside an object's vote box: background; weighted by
+        :meth:`_AxisRun.direction_weight`); returns them."""
         index = run.visit[t]
         for obj_id, prob in probabilities.items():
             box = run.boxes.get(obj_id)
@@ -466,7 +502,8 @@ class _PassRunner:
             run.reached[obj_id].add(index)
             if (t, obj_id) in run.keep:
                 self.prompted[(run.axis, index, obj_id)] = probabilities[obj_id]
-        self.votes.add(run.axis, index, probabilities)
+        weights = {obj_id: run.direction_weight(obj_id, index, reverse) for obj_id in probabilities}
+        self.votes.add(run.axis, index, probabilities, weights)
         return probabilities
 
     def _run_weights(self, run: _AxisRun) -> dict[int, float]:
@@ -477,14 +514,20 @@ class _PassRunner:
         return {obj_id: float(np.mean(ious)) for obj_id, ious in run.confidence.items()}
 
     def _vote_between(
-        self, run: _AxisRun, obj_id: int, before: tuple[int, np.ndarray], after: tuple[int, np.ndarray]
+        self,
+        run: _AxisRun,
+        obj_id: int,
+        before: tuple[int, np.ndarray],
+        after: tuple[int, np.ndarray],
+        reverse: bool,
     ) -> None:
         """Votes on the slices that lie between two slices visited one after the other (``step`` > 1),
         interpolated linearly between the two slices' votes."""
         (a, vote_a), (b, vote_b) = before, after
         for index in range(min(a, b) + 1, max(a, b)):
             weight = (index - a) / (b - a)
-            self.votes.add(run.axis, index, {obj_id: (1 - weight) * vote_a + weight * vote_b})
+            vote = {obj_id: (1 - weight) * vote_a + weight * vote_b}
+            self.votes.add(run.axis, index, vote, {obj_id: run.direction_weight(obj_id, index, reverse)})
             run.reached[obj_id].add(index)
 
     def _check_cancel(self) -> None:
