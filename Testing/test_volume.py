@@ -31,8 +31,8 @@ from medsam2.volume import (
     _PassRunner,
     _roi_box,
     _visited_slices,
-    _Votes,
 )
+from medsam2.votes import Votes
 
 SLICERIO_DATA = Path(__import__("slicerio").__file__).parent / "data"
 SHAPE = (14, 18, 22)  # every axis a different length, so a slice taken on the wrong axis cannot fit
@@ -139,7 +139,7 @@ def test_a_click_is_read_as_column_then_row_of_its_slice(axis):
 
 
 def test_mean_of_probabilities_over_the_passes_that_visited():
-    votes = _Votes((3, 4, 5), [1], Aggregation.MEAN)
+    votes = Votes((3, 4, 5), [1], Aggregation.MEAN)
     votes.add(0, 1, {1: np.full((4, 5), 0.9, np.float32)})
     votes.add(0, 1, {1: np.full((4, 5), 0.2, np.float32)})
     votes.add(1, 2, {1: np.full((3, 5), 0.7, np.float32)})  # a coronal pass's slice y = 2
@@ -151,7 +151,7 @@ def test_mean_of_probabilities_over_the_passes_that_visited():
 
 
 def test_majority_counts_votes_above_one_half():
-    votes = _Votes((2, 2, 3), [1], Aggregation.MAJORITY)
+    votes = Votes((2, 2, 3), [1], Aggregation.MAJORITY)
     for probability in (0.9, 0.6, 0.4, 0.51, 0.1):
         votes.add(0, 0, {1: np.full((2, 3), probability, np.float32)})
     votes.add(0, 1, {1: np.full((2, 3), 0.5, np.float32)})  # exactly one half is not a vote
@@ -163,7 +163,7 @@ def test_majority_counts_votes_above_one_half():
 
 def test_each_object_is_averaged_over_its_own_passes():
     """A pass that tracked only object 2 must not dilute object 1's probability."""
-    votes = _Votes((2, 3, 3), [1, 2], Aggregation.MEAN)
+    votes = Votes((2, 3, 3), [1, 2], Aggregation.MEAN)
     votes.add(0, 0, {1: np.full((3, 3), 0.8, np.float32)})
     votes.add(0, 0, {1: np.full((3, 3), 0.6, np.float32)})
     votes.add(0, 0, {2: np.full((3, 3), 0.3, np.float32)})
@@ -176,7 +176,7 @@ def test_each_object_is_averaged_over_its_own_passes():
 def test_slices_a_pass_did_not_reach_are_votes_for_background():
     """An axis that stopped early (or skipped slices outside the ROI) had found the object ended there: a
     confident guess of another axis on those slices must not stand alone."""
-    votes = _Votes((3, 2, 2), [1], Aggregation.MEAN)
+    votes = Votes((3, 2, 2), [1], Aggregation.MEAN)
     votes.add(0, 0, {1: np.full((2, 2), 0.9, np.float32)})  # the axial pass reached slice 0 only
     votes.add_background(0, 1, [1, 2])
     for column in range(2):  # the sagittal pass reached every slice and says "object" everywhere
@@ -189,7 +189,7 @@ def test_slices_a_pass_did_not_reach_are_votes_for_background():
 
 
 def test_confidence_weighs_each_runs_votes_by_its_weight_for_the_object():
-    votes = _Votes((2, 2, 2), [1, 2], Aggregation.CONFIDENCE)
+    votes = Votes((2, 2, 2), [1, 2], Aggregation.CONFIDENCE)
     votes.add(0, 0, {1: np.full((2, 2), 0.9, np.float32), 2: np.full((2, 2), 0.8, np.float32)})
     votes.add_background(0, 1, [1])
     votes.end_run({1: 0.8, 2: 0.5})  # the axial run
@@ -218,7 +218,7 @@ def test_confidence_weighs_each_axis_by_its_mean_predicted_iou_where_it_found_th
     sessions: list[medsam2.Session] = []  # one per run; kept, so that no two share an id()
     found: dict[int, list[float]] = {}  # per session, the IoUs of its tracked frames that found the object
     weights: list[dict[int, float]] = []
-    track_frame, end_run = medsam2.Session._track_frame, _Votes.end_run
+    track_frame, end_run = medsam2.Session._track_frame, Votes.end_run
 
     def tracking(session, track, t, reverse):
         record = track_frame(session, track, t, reverse)
@@ -233,7 +233,7 @@ def test_confidence_weighs_each_axis_by_its_mean_predicted_iou_where_it_found_th
         end_run(votes, run_weights)
 
     monkeypatch.setattr(medsam2.Session, "_track_frame", tracking)
-    monkeypatch.setattr(_Votes, "end_run", ending)
+    monkeypatch.setattr(Votes, "end_run", ending)
     six = medsam2.segment_volume(present_model, volume, [prompt], aggregate="confidence", roi=None)
     assert len(weights) == len(found) == 3  # the prompt axis, then the two others
     for run_weights, ious in zip(weights, found.values()):
@@ -376,7 +376,7 @@ def test_slices_an_extra_axis_steps_over_get_votes_interpolated_from_their_visit
     every = medsam2.segment_volume(model, volume, [prompt], spacing=(1.0, 1.0, 1.0), early_stop=False)
     seen: dict[tuple[int, int], np.ndarray] = {}  # the votes of the slices the model saw
     voted: dict[tuple[int, int], list[np.ndarray]] = {}  # every vote
-    vote, add = _PassRunner._vote, _Votes.add
+    vote, add = _PassRunner._vote, Votes.add
 
     def seeing(runner, run, t, probabilities, *args):
         result = vote(runner, run, t, probabilities, *args)
@@ -388,7 +388,7 @@ def test_slices_an_extra_axis_steps_over_get_votes_interpolated_from_their_visit
         add(votes, axis, index, probabilities, *args)
 
     monkeypatch.setattr(_PassRunner, "_vote", seeing)
-    monkeypatch.setattr(_Votes, "add", adding)
+    monkeypatch.setattr(Votes, "add", adding)
     # 3 mm axial slices and 1 mm pixels: every third coronal and sagittal slice is seen.
     strided = medsam2.segment_volume(model, volume, [prompt], spacing=(3.0, 1.0, 1.0), early_stop=False)
     for axis in (1, 2):
@@ -415,14 +415,14 @@ def test_between_two_prompts_the_direction_from_the_nearer_prompt_counts_more(pr
     mask = _corner_mask(SHAPE[1:])
     prompts = [Prompt(axis=0, index=2, mask=mask), Prompt(axis=0, index=10, mask=mask[::-1, ::-1].copy())]
     votes: dict[int, list[tuple[np.ndarray, float]]] = {}
-    add = _Votes.add
+    add = Votes.add
 
     def recording(self, axis, index, probabilities, weights=None):
         weight = 1.0 if weights is None else weights[1]
         votes.setdefault(index, []).append((probabilities[1].copy(), weight))
         add(self, axis, index, probabilities, weights)
 
-    monkeypatch.setattr(_Votes, "add", recording)
+    monkeypatch.setattr(Votes, "add", recording)
     result = medsam2.segment_volume(present_model, volume, prompts, orientations=2, early_stop=False)
     for index in range(3, 10):
         (forward, forward_weight), (reverse, reverse_weight) = votes[index]

@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 
 import numpy as np
 import torch
@@ -36,6 +35,7 @@ from .preprocess import windowed_intensities
 from .prompts import Prompt
 from .session import Session
 from .upstream import segment_volume_upstream
+from .votes import Aggregation, Votes, slice_index
 
 ProgressCallback = Callable[[int, int, str], None]
 Box = tuple[slice, slice, slice]  # a [Z, Y, X] box of voxels
@@ -47,14 +47,6 @@ _ABSENT_FRAMES_TO_STOP = 3
 _ROI_MARGIN_FRACTION, _ROI_MARGIN_VOXELS = 0.15, 4
 # A further axis visits at least this many slices of its ROI, however far apart that puts them.
 _MIN_EXTRA_AXIS_SLICES = 8
-
-
-class Aggregation(str, Enum):
-    MEAN = "mean"
-    MAJORITY = "majority"
-    # The mean, each axis's votes on an object weighted by the model's mean predicted IoU on the slices of
-    # that axis where it found the object: a view that cuts the object into thin strips predicts it worse.
-    CONFIDENCE = "confidence"
 
 
 @dataclass
@@ -70,72 +62,6 @@ class VolumeResult:
     frames_encoded: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     window: tuple[float, float] | None = None
-
-
-class _Votes:
-    """Per-object running sums of the passes' probabilities (or positive votes) and of the number of votes.
-
-    Votes are counted per object: a pass along one axis may track only some of the objects, and must not
-    dilute the others' votes. A run along one axis collects its votes apart and adds them with a weight per
-    object when it ends (:meth:`end_run`), which is 1 except for confidence aggregation.
-    """
-
-    def __init__(self, shape: tuple[int, ...], obj_ids: Iterable[int], aggregate: Aggregation) -> None:
-        self.shape = shape
-        self.aggregate = aggregate
-        self.total = {i: np.zeros(shape, np.float32) for i in obj_ids}
-        self.count = {i: np.zeros(shape, np.float32) for i in self.total}
-        self._run: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-
-    def _run_sums(self, obj_id: int) -> tuple[np.ndarray, np.ndarray]:
-        if obj_id not in self._run:
-            self._run[obj_id] = np.zeros(self.shape, np.float32), np.zeros(self.shape, np.float32)
-        return self._run[obj_id]
-
-    def add(
-        self,
-        axis: int,
-        index: int,
-        probabilities: dict[int, np.ndarray],
-        weights: dict[int, float] | None = None,
-    ) -> None:
-        """Add one pass's result on slice ``index`` of ``axis``, each object's counting ``weights`` (default 1)."""
-        where = _slice_index(axis, index)
-        for obj_id, prob in probabilities.items():
-            vote = (prob > 0.5).astype(np.float32) if self.aggregate is Aggregation.MAJORITY else prob
-            weight = 1.0 if weights is None else weights.get(obj_id, 1.0)
-            total, count = self._run_sums(obj_id)
-            total[where] += weight * vote
-            count[where] += weight
-
-    def add_background(self, axis: int, obj_id: int, indices: Iterable[int]) -> None:
-        """A background vote for ``obj_id`` on slices ``indices`` of ``axis``, which its passes did not reach."""
-        _, count = self._run_sums(obj_id)
-        for index in indices:
-            count[_slice_index(axis, index)] += 1
-
-    def end_run(self, weights: dict[int, float]) -> None:
-        """Add the run's votes, each object's weighted by ``weights`` (default 1)."""
-        for obj_id, (total, count) in self._run.items():
-            weight = weights.get(obj_id, 1.0)
-            self.total[obj_id] += weight * total
-            self.count[obj_id] += weight * count
-        self._run = {}
-
-    def result(self) -> dict[int, np.ndarray]:
-        return {
-            obj_id: np.divide(
-                total, self.count[obj_id], out=np.zeros_like(total), where=self.count[obj_id] > 0
-            )
-            for obj_id, total in self.total.items()
-        }
-
-
-def _slice_index(axis: int, index: int) -> tuple:
-    """Index of slice ``index`` along ``axis`` in a ``[Z, Y, X]`` array."""
-    where: list = [slice(None), slice(None)]
-    where.insert(axis, index)
-    return tuple(where)
 
 
 def segment_volume(
@@ -206,7 +132,7 @@ def segment_volume(
     memory = memory or MemoryOptions()
     intensities, window_used = windowed_intensities(volume, modality=modality, window=window)
     obj_ids = sorted({p.obj_id for p in prompts})
-    votes = _Votes(volume.shape, obj_ids, aggregation)
+    votes = Votes(volume.shape, obj_ids, aggregation)
     result = VolumeResult(np.zeros(volume.shape, np.uint8), {}, window=window_used)
     result.timings["prepare"] = time.perf_counter() - started
     runner = _PassRunner(model, intensities, memory, seed, votes, result, progress, cancel, early_stop)
@@ -352,7 +278,7 @@ class _PassRunner:
         intensities: np.ndarray,
         memory: MemoryOptions,
         seed: int,
-        votes: _Votes,
+        votes: Votes,
         result: VolumeResult,
         progress: ProgressCallback | None,
         cancel: threading.Event | None,
@@ -379,7 +305,7 @@ class _PassRunner:
         """A slice the user prompted keeps what its prompt gave: the other passes only cross it along one
         line each, and their votes must not overrule the prompt."""
         for (axis, index, obj_id), prob in self.prompted.items():
-            probabilities[obj_id][_slice_index(axis, index)] = prob
+            probabilities[obj_id][slice_index(axis, index)] = prob
 
     def finish(self) -> None:
         """Report completion: early stop and the ROI usually end the run short of the estimate."""
