@@ -13,7 +13,9 @@ on two extra axes' votes). A voxel's probability is the mean of the votes, each 
 confidence in it (or the plain mean, or the share of positive votes), except on the slices the user prompted:
 they keep what the prompt gave. The confidence weighting was chosen by measurement: on the held-out MR, whose
 coronal and sagittal slices cut the abdominal organs into thin strips, the extra axes predict a lower IoU and
-outweighing them raised the mean Dice of five organs by 0.03 (BENCHMARKS.md section 4).
+outweighing them raised the mean Dice of five organs by 0.03 (BENCHMARKS.md section 4). Between two prompted
+slices of an object (a correction) both directions of an axis pass; the one coming from the nearer prompt
+counts more (:meth:`_AxisRun.direction_weight`), so that they cannot cancel each other out (section 4g).
 """
 
 from __future__ import annotations
