@@ -222,3 +222,36 @@ def test_a_worker_reports_its_progress_on_stderr_not_among_the_tables(capsys):
     ev._progress("  CTChest4 (lung): (i) in 12 s")
     captured = capsys.readouterr()
     assert captured.err == "  CTChest4 (lung): (i) in 12 s\n" and captured.out == ""
+
+
+def test_small_structures_are_corrected_apart_and_summarized_in_their_own_table(model, volume):
+    from medsam2.train import heldout as ho
+
+    nodule = np.zeros((Z, Y, X), bool)
+    nodule[3:6, 10:14, 12:17] = True
+    with_small = ho.HeldOutVolume(
+        volume.name, volume.image, volume.spacing, "ct", volume.labels, volume.structures, {"nodule": nodule}
+    )
+    result = ev.evaluate_volume(model, with_small, log=lambda message: None, corrections=2)
+    assert list(result["corrections"]) == ["organ"]  # the structures' table stays theirs alone
+    curves = result["small_corrections"]["nodule"]
+    assert list(curves) == list(cr.CORRECTED_METHODS) and all(len(c) == 3 for c in curves.values())
+    # The nodule's curve is that of the loop run on it alone.
+    start, box = ev.box_on_largest_slice(nodule)
+    slices = ev.AxialSlices(model, prepare_intensities(volume.image, modality="ct"))
+    alone = cr.correction_curve(cr.box_chain_segmenter(slices, start, box), nodule, 2)
+    assert curves[ev.METHODS[3]] == [round(d, 4) for d in alone]
+
+    merged = ev.merge_results(
+        [{"weights": "w", "options": {"corrections": 2}, "volumes": {"CTChest4": result}}]
+    )
+    assert merged["corrections"] == cr.summarize_corrections(merged["volumes"])
+    small = merged["small_corrections"]
+    assert small == cr.summarize_corrections(merged["volumes"], "small_corrections")
+    assert small["structures"] == 1 and list(small["to_reach_target"][ev.METHODS[0]]["per_structure"]) == [
+        "CTChest4: nodule"
+    ]
+    table = report.markdown(merged)
+    assert "(up to 2 corrections, 1 structures)" in table
+    assert "(up to 2 corrections, 1 small structures)" in table
+    assert "small_corrections" not in ev.evaluate_volume(model, with_small, log=lambda message: None)

@@ -126,13 +126,19 @@ def _box(mask: np.ndarray) -> tuple[int, int, int, int]:
 
 
 def volume_corrections(
-    model: SAM2Model, baseline: SAM2Model, volume: HeldOutVolume, k: int, log=print
+    model: SAM2Model,
+    baseline: SAM2Model,
+    volume: HeldOutVolume,
+    k: int,
+    log=print,
+    names: Collection[str] | None = None,
 ) -> dict[str, dict[str, list[float]]]:
-    """Dice after 0..``k`` corrections per structure of ``volume`` and method (i)-(iv); ``baseline`` runs (iv)."""
+    """Dice after 0..``k`` corrections per structure of ``volume`` (or only ``names``, e.g. its small ones)
+    and method (i)-(iv); ``baseline`` runs (iv)."""
     out: dict[str, dict[str, list[float]]] = {}
     slices_by_window: dict[str | None, AxialSlices] = {}
     with shared_encoder(model):
-        for name in volume.structures:
+        for name in volume.structures if names is None else names:
             reference = volume.mask(name)
             index, box = box_on_largest_slice(reference)
             window = volume.window(name)
@@ -153,13 +159,11 @@ def volume_corrections(
     return out
 
 
-def summarize_corrections(volumes: dict[str, dict]) -> dict:
+def summarize_corrections(volumes: dict[str, dict], key: str = "corrections") -> dict:
     """Mean Dice after 0, 1, 3 and 5 corrections (those run) per method, and the corrections needed to reach
-    :data:`TARGET_DICE`: per structure, their mean, and how many structures never reached it."""
-    curves = {
-        m: [c[m] for v in volumes.values() for c in v.get("corrections", {}).values()]
-        for m in CORRECTED_METHODS
-    }
+    :data:`TARGET_DICE`: per structure, their mean, and how many structures never reached it. ``key``: the
+    volumes' curves to summarize (``corrections``, or ``small_corrections`` for the small structures)."""
+    curves = {m: [c[m] for v in volumes.values() for c in v.get(key, {}).values()] for m in CORRECTED_METHODS}
     if not any(curves.values()):
         return {}
     tried = min(len(c) for c in curves[METHODS[0]]) - 1
@@ -167,7 +171,7 @@ def summarize_corrections(volumes: dict[str, dict]) -> dict:
         m: {
             f"{volume}: {name}": corrections_to_reach(c[m])
             for volume, v in volumes.items()
-            for name, c in v.get("corrections", {}).items()
+            for name, c in v.get(key, {}).items()
         }
         for m in CORRECTED_METHODS
     }
@@ -194,15 +198,16 @@ def summarize_corrections(volumes: dict[str, dict]) -> dict:
     }
 
 
-def corrections_markdown(summary: dict) -> str:
-    """The table of mean Dice after k corrections and corrections to reach the target, per method."""
+def corrections_markdown(summary: dict, what: str = "structures") -> str:
+    """The table of mean Dice after k corrections and corrections to reach the target, per method; ``what``
+    names the structures in the title."""
     if not summary:
         return ""
     tried = summary["corrections_tried"]
     steps = list(summary["mean_dice_after"][METHODS[0]])
     lines = [
         f"Simulated user correcting the worst axial slice with the reference (up to {tried} corrections,"
-        f" {summary['structures']} structures):",
+        f" {summary['structures']} {what}):",
         "",
         "| method | "
         + " | ".join(f"Dice after {n}" for n in steps)

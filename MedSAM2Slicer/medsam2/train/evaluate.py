@@ -77,6 +77,9 @@ METHODS = (
 # The presence head on its own, timed with the methods (:mod:`.extent`).
 PRESENCE = "presence"
 
+# The simulated user's corrections of a volume's structures and of its small ones (:mod:`.corrections`).
+CORRECTION_KEYS = ("corrections", "small_corrections")
+
 # The options of segment_volume that make methods (i)-(iii).
 MEMORY_RUNS = {
     METHODS[0]: dict(orientations=6, memory=MemoryOptions(policy="self-sorting")),
@@ -187,9 +190,9 @@ def evaluate_volume(
     that those are segmented as before), ``references`` each reference's ml and axial extent.
 
     ``baseline``: the model of the no-memory methods (iv) and (v) (default: ``model``). ``corrections`` > 0
-    adds the Dice of (i)-(iv) after 0..``corrections`` simulated corrections of the structures (not the small
-    ones; :mod:`.corrections`). ``presence`` adds the presence head's per-slice precision and recall per
-    structure, small ones included (:mod:`.extent`)."""
+    adds the Dice of (i)-(iv) after 0..``corrections`` simulated corrections of the structures
+    (``corrections``) and of the small ones (``small_corrections``; :mod:`.corrections`). ``presence`` adds
+    the presence head's per-slice precision and recall per structure, small ones included (:mod:`.extent`)."""
     groups = {"scores": list(volume.structures), "small_scores": list(volume.small)}
     names = [n for group in groups.values() for n in group]
     references = {name: volume.mask(name) for name in names}
@@ -232,6 +235,10 @@ def evaluate_volume(
         from .corrections import volume_corrections
 
         out["corrections"] = volume_corrections(model, baseline or model, volume, corrections, log)
+        if volume.small:
+            out["small_corrections"] = volume_corrections(
+                model, baseline or model, volume, corrections, log, names=list(volume.small)
+            )
     return out
 
 
@@ -521,12 +528,14 @@ def _with_summaries(results: dict) -> dict:
     from .corrections import summarize_corrections
 
     results.pop("summary", None)
-    results.pop("corrections", None)
+    for key in CORRECTION_KEYS:
+        results.pop(key, None)
     if results["volumes"]:
         results["summary"] = summarize(results)
-        corrections = summarize_corrections(results["volumes"])
-        if corrections:
-            results["corrections"] = corrections
+        for key in CORRECTION_KEYS:
+            corrections = summarize_corrections(results["volumes"], key)
+            if corrections:
+                results[key] = corrections
     return results
 
 

@@ -25,6 +25,8 @@ def markdown(results: dict) -> str:
         tables.append(_presence_table(summary["presence"]))
     if results.get("corrections"):
         tables.append(corrections_markdown(results["corrections"]))
+    if results.get("small_corrections"):
+        tables.append(corrections_markdown(results["small_corrections"], "small structures"))
     if results.get("one_prompt_2d"):
         tables.append(_one_prompt_table(results["one_prompt_2d"]))
     return "\n".join(t.rstrip("\n") + "\n" for t in tables if t)
