@@ -66,14 +66,22 @@ def test_no_box_without_margin_previous_frame_or_object(box_model):
 
 
 def _recorded_prompts(model: medsam2.SAM2Model) -> list:
-    """Make ``model.predict`` record the ``points`` of every tracked-frame call (the call still runs)."""
+    """Make ``model.predict`` record the box prompts of every tracked-frame call, ``[points, *more_boxes]``
+    (``None`` without points; the call still runs)."""
     calls = []
     predict = model.predict
 
-    def recording(features, context, points=None, mask=None, previous_logits=None):
+    def recording(features, context, points=None, mask=None, previous_logits=None, more_boxes=()):
         if context is not None and context.frames and mask is None and previous_logits is None:
-            calls.append(points)
-        return predict(features, context, points=points, mask=mask, previous_logits=previous_logits)
+            calls.append(None if points is None else [points, *more_boxes])
+        return predict(
+            features,
+            context,
+            points=points,
+            mask=mask,
+            previous_logits=previous_logits,
+            more_boxes=more_boxes,
+        )
 
     model.predict = recording
     return calls
@@ -92,17 +100,13 @@ def test_session_prompts_each_tracked_frame_with_its_neighbours_box(box_model, r
     assert len(calls) == T - 1
     track = session.tracks[1]
     order = list(range(start, -1, -1)) if reverse else list(range(T))
-    for t, points in zip(order[1:], calls):
+    for t, prompts in zip(order[1:], calls):
         neighbour = (
             track.conditioning.get(t + (1 if reverse else -1)) or track.tracked[t + (1 if reverse else -1)]
         )
-        expected = box_model.tracking_prompt(neighbour.low_res_logits)
-        if expected is None:
-            assert points is None
-        else:
-            torch.testing.assert_close(points[0], expected[0])
+        _assert_same_prompts(prompts, box_model.tracking_prompts(neighbour.low_res_logits))
     # The first tracked frame's box is the prompt mask's, mapped to input pixels and grown.
-    first = calls[0][0][0]
+    first = calls[0][0][0][0]
     scale = box_model.image_size / np.array([W, H])
     assert first[0, 0] < 8 * scale[0] and first[1, 0] > 20 * scale[0] - 1
     assert sorted(results) == sorted(order)
@@ -121,11 +125,17 @@ def test_unrelated_images_get_the_box_of_the_nearest_prompted_frame(box_model):
     list(session.propagate())
     track = session.tracks[1]
     assert len(calls) == T - 2
-    for t, points in zip(range(1, T - 1), calls):
+    for t, prompts in zip(range(1, T - 1), calls):
         nearest = 0 if t < (T - 1) / 2 else T - 1
-        torch.testing.assert_close(
-            points[0], box_model.tracking_prompt(track.conditioning[nearest].low_res_logits)[0]
-        )
+        _assert_same_prompts(prompts, box_model.tracking_prompts(track.conditioning[nearest].low_res_logits))
+
+
+def _assert_same_prompts(got: list | None, expected: list | None) -> None:
+    assert (got is None) == (expected is None)
+    assert len(got or []) == len(expected or [])
+    for (points, labels), (want_points, want_labels) in zip(got or [], expected or []):
+        torch.testing.assert_close(points, want_points)
+        torch.testing.assert_close(labels, want_labels)
 
 
 def _absent_box_session() -> tuple[medsam2.SAM2Model, medsam2.Session, np.ndarray]:
@@ -188,7 +198,7 @@ def test_a_guided_frame_is_tracked_with_its_guide_box_and_is_never_lost():
     x0, y0, x1, y1 = 4 * sx, 2 * sy, 12 * sx, 10 * sy
     grow = 0.1 * max(x1 - x0, y1 - y0)
     expected = torch.tensor([[x0 - grow, y0 - grow], [x1 + grow, y1 + grow]]).clamp(0, model.image_size)
-    torch.testing.assert_close(calls[1][0][0], expected)
+    torch.testing.assert_close(calls[1][0][0][0], expected)
     assert session.frames_encoded == 3  # frames 0, 1 and 3
 
 
@@ -211,3 +221,53 @@ def test_guides_need_a_prompted_object_and_models_without_a_margin_ignore_them(b
     guided.add_guide(2, obj_id=1, box=(0, 0, 4, 4))
     for (_, a), (_, b) in zip(guided.propagate(), plain.propagate()):
         np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_the_pieces_of_a_mask_are_its_eight_connected_parts_holding_a_tenth_of_it_largest_first():
+    from medsam2.model.pieces import piece_boxes
+
+    mask = torch.zeros(2, 20, 30, dtype=torch.bool)
+    mask[0, 2:8, 2:8] = True  # 36 px
+    mask[0, 8:10, 8:10] = True  # touches the first at a corner only: the same piece
+    mask[0, 12:18, 20:28] = True  # 48 px: the largest
+    mask[0, 0, 29] = True  # a speck, under a tenth of the mask
+    mask[1, 5:9, 5:9] = True
+    assert piece_boxes(mask) == [[(20, 12, 28, 18), (2, 2, 10, 10)], [(5, 5, 9, 9)]]
+    assert piece_boxes(torch.zeros(1, 4, 4, dtype=torch.bool)) == [[]]
+
+
+def test_each_piece_of_the_previous_mask_gets_its_box_and_the_masks_are_united(box_model):
+    """Object 0's previous mask is in two pieces, object 1's in one: two prompts, object 0's two pieces'
+    boxes (each grown as a mask of its own would be), object 1's one box in both; the tracked mask of
+    object 0 is the union of what each box gives alone."""
+    s = box_model.image_size
+    low = s // 4
+    previous = _logits([(2, 2, 6, 6), (2, 2, 6, 6)], low)
+    previous[0, 0, 9:13, 10:16] = 5.0  # 24 px against 16: the largest piece
+    prompts = box_model.tracking_prompts(previous)
+    assert len(prompts) == 2
+    largest = box_model.tracking_prompt(_logits([(9, 10, 13, 16)], low))
+    second = box_model.tracking_prompt(_logits([(2, 2, 6, 6)], low))
+    whole = box_model.tracking_prompt(previous)
+    torch.testing.assert_close(prompts[0][0][0], largest[0][0])
+    torch.testing.assert_close(prompts[1][0][0], second[0][0])
+    for points, labels in prompts:
+        torch.testing.assert_close(points[1], whole[0][1])
+        assert labels.tolist() == [[2, 3], [2, 3]]
+    assert box_model.tracking_prompts(_logits([(2, 2, 6, 6)], low))[0][0].tolist() == (
+        box_model.tracking_prompt(_logits([(2, 2, 6, 6)], low))[0].tolist()
+    )
+
+    image = torch.rand(1, 3, s, s)
+    features = box_model.encode_image(image).expand(2)
+    with torch.no_grad():
+        tracked = box_model.track(features, None, previous)
+        alone = [box_model.predict(features, None, points=p) for p in prompts]
+    expected = torch.maximum(alone[0].low_res_logits, alone[1].low_res_logits)
+    torch.testing.assert_close(tracked.low_res_logits, expected)
+    torch.testing.assert_close(
+        tracked.object_score, torch.maximum(alone[0].object_score, alone[1].object_score)
+    )
+    torch.testing.assert_close(
+        tracked.candidate_logits, torch.maximum(alone[0].candidate_logits, alone[1].candidate_logits)
+    )

@@ -312,31 +312,40 @@ def test_consecutive_sequences_track_with_the_previous_box_and_shuffled_ones_wit
     tracked_points = []
     predict = model.predict
 
-    def recording(features, context, points=None, mask=None, previous_logits=None):
+    def recording(features, context, points=None, mask=None, previous_logits=None, more_boxes=()):
         if context is not None and context.frames:
-            tracked_points.append(points)
-        return predict(features, context, points=points, mask=mask, previous_logits=previous_logits)
+            tracked_points.append(None if points is None else [points, *more_boxes])
+        return predict(
+            features,
+            context,
+            points=points,
+            mask=mask,
+            previous_logits=previous_logits,
+            more_boxes=more_boxes,
+        )
 
     model.predict = recording
     sequence = sampler.sample()
     with torch.inference_mode():
         _, logits = run_sequence(model, sequence, None)
     assert sequence.consecutive and len(tracked_points) == 3
-    for previous, points in zip(logits, tracked_points):
-        expected = model.tracking_prompt(previous)
-        assert (points is None) == (expected is None)
-        if points is not None:
-            torch.testing.assert_close(points[0], expected[0])
+    for previous, prompts in zip(logits, tracked_points):
+        expected = model.tracking_prompts(previous)
+        assert (prompts is None) == (expected is None)
+        for points, want in zip(prompts or [], expected or []):
+            torch.testing.assert_close(points[0], want[0])
     assert any(points is not None for points in tracked_points)
 
     tracked_points.clear()
     sequence.consecutive = False  # unrelated slices: every one gets the prompted first frame's box
     with torch.inference_mode():
         _, logits = run_sequence(model, sequence, None)
-    first = model.tracking_prompt(logits[0])
+    first = model.tracking_prompts(logits[0])
     assert len(tracked_points) == 3 and first is not None
-    for points in tracked_points:
-        torch.testing.assert_close(points[0], first[0])
+    for prompts in tracked_points:
+        assert len(prompts) == len(first)
+        for points, want in zip(prompts, first):
+            torch.testing.assert_close(points[0], want[0])
 
     tracked_points.clear()
     sequence.consecutive, sequence.memory_only = True, True  # from memory alone: no box on any tracked frame

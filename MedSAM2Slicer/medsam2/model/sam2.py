@@ -16,6 +16,7 @@ from torch import nn
 
 from ..configs import ModelConfig
 from .common import MLP
+from .pieces import piece_boxes
 from .presence import PresenceHead, Region, mask_area, typical_cells
 
 # Logit given to every pixel of an object predicted absent (sigmoid of it is 0).
@@ -293,6 +294,7 @@ class SAM2Model(nn.Module):
         mask: torch.Tensor | None = None,
         previous_logits: torch.Tensor | None = None,
         user_prompt: bool = False,
+        more_boxes: tuple[tuple[torch.Tensor, torch.Tensor], ...] = (),
     ) -> MaskPrediction:
         """Predict the object's mask on one frame.
 
@@ -301,7 +303,9 @@ class SAM2Model(nn.Module):
         directly. ``previous_logits``: ``[B, 1, 4h, 4w]`` logits of an earlier prediction on this frame,
         refined by new clicks. Without any prompt the frame is tracked from ``context``. ``user_prompt``: the
         points are the user's, not a tracking box; with ``config.prompts_assert_presence`` a box or a positive
-        click then keeps the object present on this frame whatever its object score.
+        click then keeps the object present on this frame whatever its object score. ``more_boxes``: further
+        box prompts (as ``points``) decoded on the same memory-conditioned embedding, their masks united with
+        that of ``points`` (:meth:`tracking_prompts`).
         """
         if mask is not None:
             prediction = self._mask_as_prediction(features, mask)
@@ -316,6 +320,9 @@ class SAM2Model(nn.Module):
             prediction = self._decode(
                 embedding, features.high_res, points, previous_logits, multimask, asserted
             )
+            for box in more_boxes:
+                piece = self._decode(embedding, features.high_res, box, None, multimask=False)
+                prediction = _united(prediction, piece)
         if self.presence_head is not None:
             prediction.region = Region.of(features, prediction.low_res_logits)
         return prediction
@@ -329,7 +336,7 @@ class SAM2Model(nn.Module):
         previous_region: Region | None = None,
     ) -> MaskPrediction:
         """Predict a tracked frame from ``context`` and, for a box-tracking model, the previous frame's logits
-        ``[B, 1, H, W]`` (see :meth:`tracking_prompt`); objects that model has lost get :meth:`lost_prediction`.
+        ``[B, 1, H, W]`` (see :meth:`tracking_prompts`); objects that model has lost get :meth:`lost_prediction`.
 
         ``guide``: box corners ``[B, 2, 2]`` (input pixels) from an earlier pass over the same data, which a
         box-tracking model is prompted with (grown by its margin) instead of the previous frame's box; an
@@ -345,7 +352,9 @@ class SAM2Model(nn.Module):
         lost = self.lost_objects(previous_logits)
         if lost is not None and bool(lost.all()):
             return self.lost_prediction(len(lost))
-        prediction = self.predict(features, context, points=self.tracking_prompt(previous_logits))
+        prompts = self.tracking_prompts(previous_logits)
+        first, more = (None, ()) if prompts is None else (prompts[0], tuple(prompts[1:]))
+        prediction = self.predict(features, context, points=first, more_boxes=more)
         if self.presence_head is not None and context is not None and context.regions:
             if self.config.typical_intensity_spreads is not None and features.intensity is not None:
                 prediction = self.keep_typical(prediction, features, context.regions)
@@ -449,6 +458,32 @@ class SAM2Model(nn.Module):
 
         (y0, y1), (x0, x1) = extent(rows), extent(cols)
         return self._grown_box((x0, y0, x1, y1))
+
+    def tracking_prompts(
+        self, previous_logits: torch.Tensor | None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """The box prompts of a tracked frame: ``[tracking_prompt(previous_logits)]``, unless some object's
+        previous mask is in several pieces (:mod:`.pieces`). Then prompt ``j`` holds the box of each such
+        object's ``j``-th piece, the largest first (its largest again where it has fewer), grown as in
+        :meth:`tracking_prompt`; the other objects keep their one box in every prompt. ``None`` as there."""
+        whole = self.tracking_prompt(previous_logits)
+        if whole is None:
+            return None
+        pieces = piece_boxes(previous_logits[:, 0] > 0)
+        count = max(len(boxes) for boxes in pieces)
+        if count < 2:
+            return [whole]
+        scale = self.image_size / previous_logits.shape[-1]
+        prompts = []
+        for j in range(count):
+            corners = whole[0].clone()
+            for obj, boxes in enumerate(pieces):
+                if len(boxes) > 1:
+                    piece = boxes[j if j < len(boxes) else 0]
+                    edges = (torch.tensor([v * scale], device=corners.device) for v in piece)
+                    corners[obj] = self._grown_box(tuple(edges))[0][0]
+            prompts.append((corners, whole[1]))
+        return prompts
 
     def _grown_box(self, box: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """Box edges ``(x0, y0, x1, y1)``, each ``[B]`` in input pixels, grown on each side by the tracking
@@ -577,6 +612,20 @@ def _fill_holes(mask: torch.Tensor) -> torch.Tensor:
 
     filled = [ndimage.binary_fill_holes(m[0]) for m in mask.cpu().numpy()]
     return torch.from_numpy(np.stack(filled)[:, None]).to(mask.device)
+
+
+def _united(prediction: MaskPrediction, piece: MaskPrediction) -> MaskPrediction:
+    """``prediction`` with ``piece``'s mask (and candidate mask, both from one box) added to its own; the object
+    score, IoU and pointer are those of the more confident of the two."""
+    surer = (piece.object_score > prediction.object_score).reshape(-1)
+    prediction.low_res_logits = torch.maximum(prediction.low_res_logits, piece.low_res_logits)
+    prediction.high_res_logits = torch.maximum(prediction.high_res_logits, piece.high_res_logits)
+    prediction.candidate_logits = torch.maximum(prediction.candidate_logits, piece.candidate_logits)
+    prediction.candidate_ious = torch.where(surer[:, None], piece.candidate_ious, prediction.candidate_ious)
+    prediction.iou = torch.where(surer, piece.iou, prediction.iou)
+    prediction.obj_ptr = torch.where(surer[:, None], piece.obj_ptr, prediction.obj_ptr)
+    prediction.object_score = torch.maximum(prediction.object_score, piece.object_score)
+    return prediction
 
 
 def _replace_rows(prediction: MaskPrediction, other: MaskPrediction, rows: torch.Tensor) -> MaskPrediction:
