@@ -85,3 +85,25 @@ def generated_held_out_volume(shape: tuple[int, int, int]):
     image = np.where(organ, 60.0, -100.0) + np.random.default_rng(0).normal(0, 10, organ.shape)
     labels = organ.astype(np.uint8) * 3
     return HeldOutVolume("generated", image.astype(np.float32), (2.0, 1.0, 1.0), "ct", labels, {"organ": 3})
+
+
+def recorded_tracking_prompts(model: medsam2.SAM2Model) -> list:
+    """Make ``model.predict`` record the box prompts of every tracked-frame call, ``[points, *more_boxes]``
+    (``None`` without points; the call still runs)."""
+    calls = []
+    predict = model.predict
+
+    def recording(features, context, points=None, mask=None, previous_logits=None, more_boxes=()):
+        if context is not None and context.frames and mask is None and previous_logits is None:
+            calls.append(None if points is None else [points, *more_boxes])
+        return predict(
+            features,
+            context,
+            points=points,
+            mask=mask,
+            previous_logits=previous_logits,
+            more_boxes=more_boxes,
+        )
+
+    model.predict = recording
+    return calls

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from golden import golden_model
+from golden import golden_model, recorded_tracking_prompts
 
 import medsam2
 
@@ -65,28 +65,6 @@ def test_no_box_without_margin_previous_frame_or_object(box_model):
     assert box_model.lost_objects(previous) is None
 
 
-def _recorded_prompts(model: medsam2.SAM2Model) -> list:
-    """Make ``model.predict`` record the box prompts of every tracked-frame call, ``[points, *more_boxes]``
-    (``None`` without points; the call still runs)."""
-    calls = []
-    predict = model.predict
-
-    def recording(features, context, points=None, mask=None, previous_logits=None, more_boxes=()):
-        if context is not None and context.frames and mask is None and previous_logits is None:
-            calls.append(None if points is None else [points, *more_boxes])
-        return predict(
-            features,
-            context,
-            points=points,
-            mask=mask,
-            previous_logits=previous_logits,
-            more_boxes=more_boxes,
-        )
-
-    model.predict = recording
-    return calls
-
-
 @pytest.mark.parametrize("reverse", [False, True])
 def test_session_prompts_each_tracked_frame_with_its_neighbours_box(box_model, reverse):
     frames = np.random.default_rng(0).random((T, H, W)).astype(np.float32)
@@ -95,7 +73,7 @@ def test_session_prompts_each_tracked_frame_with_its_neighbours_box(box_model, r
     mask = np.zeros((H, W), bool)
     mask[6:14, 8:20] = True
     session.add_prompt(start, mask=mask)
-    calls = _recorded_prompts(box_model)
+    calls = recorded_tracking_prompts(box_model)
     results = dict(session.propagate(start=start, reverse=reverse))
     assert len(calls) == T - 1
     track = session.tracks[1]
@@ -121,7 +99,7 @@ def test_unrelated_images_get_the_box_of_the_nearest_prompted_frame(box_model):
     corner = np.zeros((H, W), bool)
     corner[:5, :6] = True
     session.add_prompt(T - 1, mask=corner)
-    calls = _recorded_prompts(box_model)
+    calls = recorded_tracking_prompts(box_model)
     list(session.propagate())
     track = session.tracks[1]
     assert len(calls) == T - 2
@@ -154,7 +132,7 @@ def _absent_box_session() -> tuple[medsam2.SAM2Model, medsam2.Session, np.ndarra
 def test_a_lost_object_stays_absent_without_encoding_its_frames():
     """Once the previous mask is empty the box model has no box: later frames are neither encoded nor decoded."""
     model, session, mask = _absent_box_session()
-    calls = _recorded_prompts(model)
+    calls = recorded_tracking_prompts(model)
     results = dict(session.propagate())
     assert len(calls) == 1  # frame 1 is decoded (and found absent); frames 2.. are lost
     assert session.frames_encoded == 2
@@ -190,7 +168,7 @@ def test_a_guided_frame_is_tracked_with_its_guide_box_and_is_never_lost():
     object whose neighbour came back empty; unguided frames keep the neighbour's box (here: none, lost)."""
     model, session, _ = _absent_box_session()
     session.add_guide(3, obj_id=1, box=(4, 2, 12, 10))
-    calls = _recorded_prompts(model)
+    calls = recorded_tracking_prompts(model)
     list(session.propagate())
     # Frame 1 is decoded from the prompt's box and found absent, frame 2 is lost, frame 3 has its guide.
     assert len(calls) == 2

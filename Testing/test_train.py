@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from golden import recorded_tracking_prompts
 
 import medsam2
 from medsam2.model.sam2 import MaskPrediction
@@ -309,22 +310,7 @@ def test_consecutive_sequences_track_with_the_previous_box_and_shuffled_ones_wit
     sampler = SequenceSampler(
         [cache], SamplerOptions(frames=4, max_objects=1, max_corrections=0), seeded_rng(3)
     )
-    tracked_points = []
-    predict = model.predict
-
-    def recording(features, context, points=None, mask=None, previous_logits=None, more_boxes=()):
-        if context is not None and context.frames:
-            tracked_points.append(None if points is None else [points, *more_boxes])
-        return predict(
-            features,
-            context,
-            points=points,
-            mask=mask,
-            previous_logits=previous_logits,
-            more_boxes=more_boxes,
-        )
-
-    model.predict = recording
+    tracked_points = recorded_tracking_prompts(model)
     sequence = sampler.sample()
     with torch.inference_mode():
         _, logits = run_sequence(model, sequence, None)
