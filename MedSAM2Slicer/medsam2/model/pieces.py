@@ -21,24 +21,21 @@ MIN_PIECE_SHARE = 0.1
 _EIGHT_CONNECTED = np.ones((3, 3), bool)
 
 
-def piece_boxes(
-    mask: torch.Tensor, min_share: float = MIN_PIECE_SHARE
-) -> list[list[tuple[int, int, int, int]]]:
+def piece_boxes(mask: torch.Tensor) -> list[list[tuple[int, int, int, int]]]:
     """Per object of ``mask`` ``[B, H, W]`` (bool), the boxes ``(x0, y0, x1, y1)`` (pixels, ends exclusive) of
-    its 8-connected pieces holding at least ``min_share`` of its pixels, the largest first; ``[]`` for an
-    empty mask."""
+    its 8-connected pieces holding at least :data:`MIN_PIECE_SHARE` of its pixels, the largest first; ``[]``
+    for an empty mask."""
     out = []
     for m in mask.cpu().numpy():
         labels, count = ndimage.label(m, structure=_EIGHT_CONNECTED)
-        if count == 0:
-            out.append([])
-            continue
         sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
-        boxes = []
-        for label in np.argsort(-sizes, kind="stable") + 1:
-            if sizes[label - 1] < min_share * m.sum():
-                break
-            rows, cols = ndimage.find_objects((labels == label).astype(np.int32))[0]
-            boxes.append((cols.start, rows.start, cols.stop, rows.stop))
-        out.append(boxes)
+        extents = ndimage.find_objects(labels)
+        largest_first = np.argsort(-sizes, kind="stable")
+        out.append(
+            [
+                (extents[i][1].start, extents[i][0].start, extents[i][1].stop, extents[i][0].stop)
+                for i in largest_first
+                if sizes[i] >= MIN_PIECE_SHARE * m.sum()
+            ]
+        )
     return out

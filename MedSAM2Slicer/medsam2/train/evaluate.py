@@ -234,11 +234,11 @@ def evaluate_volume(
     if corrections:
         from .corrections import volume_corrections
 
-        out["corrections"] = volume_corrections(model, baseline or model, volume, corrections, log)
-        if volume.small:
-            out["small_corrections"] = volume_corrections(
-                model, baseline or model, volume, corrections, log, names=list(volume.small)
-            )
+        # One call for both groups, so that each slice is encoded once for all of them.
+        curves = volume_corrections(model, baseline or model, volume, corrections, log, names=names)
+        for key, group in zip(CORRECTION_KEYS, groups.values()):
+            if group:
+                out[key] = {n: curves[n] for n in group}
     return out
 
 
