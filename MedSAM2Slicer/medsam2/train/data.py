@@ -42,7 +42,7 @@ from ..preprocess import prepare_intensities
 
 SIZE = 256
 # This drops a structure's last small slices from its targets too, so training calls them absent; keeping
-# pieces of 10 px and up was tried and made runs go on past small and large structures' ends (BENCHMARKS 4i).
+# pieces of 10 px and up was tried and not kept, its effect not yet separated from a continuation's (BENCHMARKS 4i).
 MIN_COMPONENT_PX = 100
 MRICRON = Path("/usr/share/mricron/templates")
 
