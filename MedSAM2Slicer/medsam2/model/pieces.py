@@ -31,11 +31,12 @@ def piece_boxes(mask: torch.Tensor) -> list[list[tuple[int, int, int, int]]]:
         sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
         extents = ndimage.find_objects(labels)
         largest_first = np.argsort(-sizes, kind="stable")
+        least = MIN_PIECE_SHARE * sizes.sum()
         out.append(
             [
                 (extents[i][1].start, extents[i][0].start, extents[i][1].stop, extents[i][0].stop)
                 for i in largest_first
-                if sizes[i] >= MIN_PIECE_SHARE * m.sum()
+                if sizes[i] >= least
             ]
         )
     return out
