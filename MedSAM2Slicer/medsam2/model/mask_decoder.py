@@ -186,19 +186,23 @@ class MaskDecoder(nn.Module):
             raise ValueError(
                 f"image_pe must have batch size 1 (from get_dense_pe()), got {image_pe.shape[0]}"
             )
-        pos_src = torch.repeat_interleave(image_pe, batch, dim=0)
+        pos_src = image_pe.expand(batch, -1, -1, -1)
         b, c, h, w = src.shape
 
         hs, src = self.transformer(src, pos_src, tokens)
         iou_token_out = hs[:, iou_index]
         mask_tokens_out = hs[:, iou_index + 1 : iou_index + 1 + self.num_mask_tokens]
 
-        upscaled = self._upscale(src.transpose(1, 2).reshape(b, c, h, w), high_res_features)
+        # The image tokens are already channels-last; upscaling them so keeps the transposed convolutions
+        # on their fast CPU path (several times faster than on an NCHW copy).
+        image = src.reshape(b, h, w, c).permute(0, 3, 1, 2)
+        upscaled = self._upscale(image, high_res_features)
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
         )
         b, c, h, w = upscaled.shape
-        masks = (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
+        pixels = upscaled.permute(0, 2, 3, 1).reshape(b, h * w, c)
+        masks = (hyper_in @ pixels.transpose(1, 2)).reshape(b, -1, h, w)
 
         iou_pred = self.iou_prediction_head(iou_token_out)
         if self.pred_obj_scores:

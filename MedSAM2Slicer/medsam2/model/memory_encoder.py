@@ -120,7 +120,9 @@ class MemoryEncoder(nn.Module):
         if not skip_mask_sigmoid:
             # Probabilities look like the binary ground-truth masks seen in training.
             masks = torch.sigmoid(masks)
-        # The image features may have been kept on another device (offloaded) than the masks.
-        x = self.pix_feat_proj(pix_feat.to(masks.device)) + self.mask_downsampler(masks)
+        # The image features may have been kept on another device (offloaded) than the masks. Channels-last,
+        # the ConvNeXt blocks' norm and MLP read their tokens in place instead of from a transposed copy.
+        pix_feat = pix_feat.to(masks.device, memory_format=torch.channels_last)
+        x = self.pix_feat_proj(pix_feat) + self.mask_downsampler(masks)
         x = self.out_proj(self.fuser(x))
         return {"vision_features": x, "vision_pos_enc": [self.position_encoding(x)]}

@@ -164,9 +164,10 @@ def run_sequence(
             iou=float(prediction.iou.detach().min()),
             descriptor=descriptors[t],
         )
-        rec.memory = model.encode_memory(
-            frame_features(t), prediction.high_res_logits, prediction.object_score, binarize
-        )
+        if t < frames - 1:  # no later frame reads the last frame's memory
+            rec.memory = model.encode_memory(
+                frame_features(t), prediction.high_res_logits, prediction.object_score, binarize
+            )
         return rec
 
     # The prompted first frame: no memory yet.
