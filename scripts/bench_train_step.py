@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from collections import defaultdict
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from medsam2.bench import machine
 from medsam2.configs import ModelConfig
 from medsam2.lite import TRAINED_FILENAME
 from medsam2.models import PACKAGE_WEIGHTS_DIR
@@ -135,8 +135,7 @@ def main() -> None:
         "per_step": {k: round(v / args.steps, 3) for k, v in parts.items()},
         "share": {k: round(v / total, 3) for k, v in parts.items()},
         "step_seconds": [round(s, 3) for s in step_seconds],
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s)",
-        "torch": torch.__version__,
+        "machine": machine(torch.device("cpu")),
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
     print(f"{args.steps} steps, {result['seconds_per_step']} s a step on {args.threads} thread(s)")
