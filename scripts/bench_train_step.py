@@ -12,7 +12,7 @@ parts with forward hooks and around the backward pass and the optimiser:
 
 The same seed draws the same sequences on every run, so runs of two versions of the code on one machine compare
 step by step; shares of the step carry over between machines better than seconds do. Nothing is written to
-the cache; the trainer's folder is a temporary one.
+a prepared cache; the trainer's folder is a temporary one.
 
 Usage: ``python scripts/bench_train_step.py --workdir W [--data-dir CACHE] [--steps 16] [--threads 1]
 [--json FILE]`` where ``W/cache`` holds prepared sources (``medsam2 train prepare --workdir W ...``).
