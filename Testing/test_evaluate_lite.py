@@ -61,6 +61,22 @@ def test_shared_encoder_encodes_each_image_once_and_restores_the_model(model):
     assert "encode_image" not in vars(model)
 
 
+def test_shared_encoder_serves_models_with_equal_encoder_weights_from_one_cache(model):
+    import copy
+
+    twin, other = copy.deepcopy(model), copy.deepcopy(model)
+    with torch.no_grad():
+        next(other.image_encoder.parameters()).add_(1.0)
+    images = torch.rand(1, 3, model.image_size, model.image_size)
+    with ev.shared_encoder(model, twin, other, model) as stats:
+        first = model.encode_image(images).embedding
+        assert twin.encode_image(images).embedding is first
+        own = other.encode_image(images).embedding
+    assert stats == {"encoded": 2, "reused": 1}
+    assert not torch.equal(own, first)
+    assert all("encode_image" not in vars(m) for m in (model, twin, other))
+
+
 def test_evaluate_volume_scores_every_method_and_structure(model, volume):
     result = ev.evaluate_volume(model, volume, log=lambda message: None)
     scores = result["scores"]["organ"]

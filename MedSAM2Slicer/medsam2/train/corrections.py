@@ -137,7 +137,7 @@ def volume_corrections(
     and method (i)-(iv); ``baseline`` runs (iv)."""
     out: dict[str, dict[str, list[float]]] = {}
     slices_by_window: dict[str | None, AxialSlices] = {}
-    with shared_encoder(model):
+    with shared_encoder(model, baseline):
         for name in volume.structures if names is None else names:
             reference = volume.mask(name)
             index, box = box_on_largest_slice(reference)

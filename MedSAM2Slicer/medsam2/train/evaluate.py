@@ -154,13 +154,28 @@ def reference_box_every_slice(slices: AxialSlices, reference: np.ndarray) -> np.
 
 
 @contextlib.contextmanager
-def shared_encoder(model: SAM2Model) -> Iterator[dict]:
-    """Within the block the model encodes each distinct input image once (methods (i)-(iii) visit the same
-    slices); yields the statistics ``{"encoded": n, "reused": n}``."""
-    cache: dict[str, ImageFeatures] = {}
+def shared_encoder(*models: SAM2Model) -> Iterator[dict]:
+    """Within the block each distinct input image is encoded once (methods (i)-(iii) visit the same slices),
+    and once for all ``models`` whose image encoders hold equal weights (``medsam2-lite`` and LiteMedSAM, the
+    baseline of (iv) and (v), share LiteMedSAM's frozen encoder); yields ``{"encoded": n, "reused": n}``."""
     stats = {"encoded": 0, "reused": 0}
-    encode = model.encode_image
+    caches: list[tuple[dict[str, torch.Tensor], dict[str, ImageFeatures]]] = []
+    models = tuple(dict.fromkeys(models))  # the baseline may be the model itself
+    for model in models:
+        weights = model.image_encoder.state_dict()
+        cache = next((c for w, c in caches if _equal_tensors(w, weights)), None)
+        if cache is None:
+            cache = {}
+            caches.append((weights, cache))
+        model.encode_image = _cached_encoder(model.encode_image, cache, stats)
+    try:
+        yield stats
+    finally:
+        for model in models:
+            del model.encode_image
 
+
+def _cached_encoder(encode, cache: dict[str, ImageFeatures], stats: dict[str, int]):
     def cached(images: torch.Tensor) -> ImageFeatures:
         key = hashlib.sha1(images.detach().cpu().numpy().tobytes()).hexdigest() + str(tuple(images.shape))
         if key in cache:
@@ -170,11 +185,11 @@ def shared_encoder(model: SAM2Model) -> Iterator[dict]:
             cache[key] = encode(images)
         return cache[key]
 
-    model.encode_image = cached
-    try:
-        yield stats
-    finally:
-        del model.encode_image
+    return cached
+
+
+def _equal_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def evaluate_volume(
@@ -275,23 +290,23 @@ def _evaluate_group(
         index, box = box_on_largest_slice(references[name])
         prompts.append(Prompt(axis=0, index=index, obj_id=obj_id, box=box))
     prepared = dict(spacing=volume.spacing, modality=volume.modality, window=window)
-    with shared_encoder(model) as encoder_stats:
+    intensities = prepare_intensities(volume.image, modality=volume.modality, window=window)
+    slices = AxialSlices(baseline, intensities)
+    with shared_encoder(model, baseline) as encoder_stats:
         for method, options in MEMORY_RUNS.items():
             started = time.perf_counter()
             result = segment_volume(model, volume.image, prompts, **prepared, **options)
             seconds[method] += time.perf_counter() - started
             masks[method].update({n: result.probabilities[i] > 0.5 for i, n in enumerate(names, start=1)})
             log(f"  {volume.name} ({window or volume.modality}): {method} in {seconds[method]:.0f} s")
-    intensities = prepare_intensities(volume.image, modality=volume.modality, window=window)
-    slices = AxialSlices(baseline, intensities)
-    for method, run in (
-        (METHODS[3], lambda p, n: previous_box_chain(slices, p.index, tuple(p.box))),
-        (METHODS[4], lambda p, n: reference_box_every_slice(slices, references[n])),
-    ):
-        started = time.perf_counter()
-        masks[method].update({n: run(p, n) for p, n in zip(prompts, names)})
-        seconds[method] += time.perf_counter() - started
-        log(f"  {volume.name} ({window or volume.modality}): {method} in {seconds[method]:.0f} s")
+        for method, run in (
+            (METHODS[3], lambda p, n: previous_box_chain(slices, p.index, tuple(p.box))),
+            (METHODS[4], lambda p, n: reference_box_every_slice(slices, references[n])),
+        ):
+            started = time.perf_counter()
+            masks[method].update({n: run(p, n) for p, n in zip(prompts, names)})
+            seconds[method] += time.perf_counter() - started
+            log(f"  {volume.name} ({window or volume.modality}): {method} in {seconds[method]:.0f} s")
     if presence is not None:
         started = time.perf_counter()
         with shared_encoder(model) as stats:
