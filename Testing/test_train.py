@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -365,6 +366,28 @@ def test_training_runs_end_to_end_and_writes_log_and_checkpoint(cache_folder, tm
     assert frozen and all(torch.equal(trained[n], fresh[n]) for n in frozen)
     moved = [n for n in fresh if n.startswith("memory_encoder.") and not torch.equal(trained[n], fresh[n])]
     assert moved
+
+
+def test_step_clock_of_the_training_benchmark_times_each_part_and_restores_backward(cache_folder, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_train_step.py"
+    spec = importlib.util.spec_from_file_location("bench_train_step", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    trainer = _trainer(cache_folder, tmp_path, steps=3)
+    backward = torch.Tensor.backward
+    clock = bench.StepClock(trainer)
+    start = time.perf_counter()
+    for _ in range(2):
+        trainer.train_step()
+    total = time.perf_counter() - start
+    clock.close()
+    assert torch.Tensor.backward is backward
+    parts = dict(clock.seconds)
+    assert {"sampling", "backward", "optimizer", "sam_mask_decoder", "memory_encoder"} <= set(parts)
+    assert all(v > 0 for v in parts.values()) and sum(parts.values()) < total
 
 
 def test_loss_decreases_on_a_fixed_sequence(cache_folder, tmp_path):

@@ -49,7 +49,9 @@ class StepClock:
         for name in TIMED_MODULES:
             self._watch_module(name, getattr(model, name))
         self._wrap(trainer.sampler, "sample", "sampling")
-        self._wrap(trainer.optimizer, "step", "optimizer")
+        optimizer_started: list[float] = []
+        trainer.optimizer.register_step_pre_hook(lambda *_: optimizer_started.append(time.perf_counter()))
+        trainer.optimizer.register_step_post_hook(lambda *_: self._add("optimizer", optimizer_started.pop()))
         self._backward = torch.Tensor.backward
         clock = self
 
@@ -66,10 +68,10 @@ class StepClock:
         started: list[float] = []
         module.register_forward_pre_hook(lambda *_: started.append(time.perf_counter()))
 
-        def done(*_) -> None:
-            self.seconds[name] += time.perf_counter() - started.pop()
+        module.register_forward_hook(lambda *_: self._add(name, started.pop()))
 
-        module.register_forward_hook(done)
+    def _add(self, part: str, start: float) -> None:
+        self.seconds[part] += time.perf_counter() - start
 
     def _wrap(self, owner: object, method: str, part: str) -> None:
         original = getattr(owner, method)
