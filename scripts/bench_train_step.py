@@ -53,37 +53,28 @@ class StepClock:
         trainer.optimizer.register_step_pre_hook(lambda *_: optimizer_started.append(time.perf_counter()))
         trainer.optimizer.register_step_post_hook(lambda *_: self._add("optimizer", optimizer_started.pop()))
         self._backward = torch.Tensor.backward
-        clock = self
-
-        def timed_backward(tensor: torch.Tensor, *args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return clock._backward(tensor, *args, **kwargs)
-            finally:
-                clock.seconds["backward"] += time.perf_counter() - start
-
-        torch.Tensor.backward = timed_backward
+        torch.Tensor.backward = self._timed(self._backward, "backward")
 
     def _watch_module(self, name: str, module: torch.nn.Module) -> None:
         started: list[float] = []
         module.register_forward_pre_hook(lambda *_: started.append(time.perf_counter()))
-
         module.register_forward_hook(lambda *_: self._add(name, started.pop()))
 
     def _add(self, part: str, start: float) -> None:
         self.seconds[part] += time.perf_counter() - start
 
     def _wrap(self, owner: object, method: str, part: str) -> None:
-        original = getattr(owner, method)
+        setattr(owner, method, self._timed(getattr(owner, method), part))
 
+    def _timed(self, function, part: str):
         def timed(*args, **kwargs):
             start = time.perf_counter()
             try:
-                return original(*args, **kwargs)
+                return function(*args, **kwargs)
             finally:
-                self.seconds[part] += time.perf_counter() - start
+                self._add(part, start)
 
-        setattr(owner, method, timed)
+        return timed
 
     def close(self) -> None:
         torch.Tensor.backward = self._backward
@@ -105,12 +96,10 @@ def main() -> None:
 
     config = ModelConfig.preset("medsam2_lite")
     caches = _caches(args.workdir, args.data_dir, args.sources, config)
-    sampler_options = SamplerOptions(
-        frames=8, max_objects=1, min_object_px=150, end_prob=0.5, memory_only_prob=0.3
-    )
-    sampler = SequenceSampler(caches, sampler_options, seeded_rng(0))
     weights = PACKAGE_WEIGHTS_DIR / TRAINED_FILENAME
-    options = TrainOptions(steps=400, lr=2e-4, warmup_steps=20, init_weights=str(weights))
+    recipe = json.loads(weights.with_suffix(".json").read_text())
+    sampler = SequenceSampler(caches, SamplerOptions(**recipe["sequences"]), seeded_rng(0))
+    options = TrainOptions(**{**recipe["options"], "init_weights": str(weights)})
     with tempfile.TemporaryDirectory(prefix="bench_train_step_") as folder:
         trainer = Trainer(build_lite_for_training(config, None), sampler, options, folder)
         trainer.resume()

@@ -307,18 +307,16 @@ def _evaluate_group(
             masks[method].update({n: run(p, n) for p, n in zip(prompts, names)})
             seconds[method] += time.perf_counter() - started
             log(f"  {volume.name} ({window or volume.modality}): {method} in {seconds[method]:.0f} s")
-    if presence is not None:
-        started = time.perf_counter()
-        with shared_encoder(model) as stats:
+        if presence is not None:
+            started = time.perf_counter()
             for p, n in zip(prompts, names):
                 scores = presence_scores(model, intensities, p.index, tuple(p.box))
                 presence[n] = {
                     **presence_precision_recall(scores, references[n]),
                     "object_scores": [round(float(s), 3) for s in scores],
                 }
-        seconds[PRESENCE] = seconds.get(PRESENCE, 0.0) + time.perf_counter() - started
-        log(f"  {volume.name} ({window or volume.modality}): presence in {seconds[PRESENCE]:.0f} s")
-        encoder_stats = {k: v + stats[k] for k, v in encoder_stats.items()}
+            seconds[PRESENCE] = seconds.get(PRESENCE, 0.0) + time.perf_counter() - started
+            log(f"  {volume.name} ({window or volume.modality}): presence in {seconds[PRESENCE]:.0f} s")
     return dict(encoder_stats)
 
 
