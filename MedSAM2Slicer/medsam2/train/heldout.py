@@ -12,6 +12,9 @@ Volumes (none is a training source, ``medsam2.train.data``):
   found. It was added after every choice of the method had been made on the three volumes above, to confirm
   them on a volume none of them was tuned on.
 
+The same sdist's DICOM CT is not held out: it is the validation volume that chooses a training run's
+checkpoint (:mod:`.validation`).
+
 Each volume names its structures (:data:`STRUCTURES`) and the CT window each is read in (:data:`CT_WINDOWS`).
 
 Small structures, :data:`SMALL_STRUCTURES`: the structures under 10 ml of the same volumes that one box on an
@@ -49,8 +52,8 @@ from pathlib import Path
 import numpy as np
 
 TOTALSEG_SDIST = "totalsegmentator-2.18.0.tar.gz"
-_TOTALSEG_FILES = "totalsegmentator-2.18.0/tests/reference_files/"
-_TOTALSEG_CLASSES = "totalsegmentator-2.18.0/totalsegmentator/map_to_binary.py"
+TOTALSEG_FILES = "totalsegmentator-2.18.0/tests/reference_files/"
+TOTALSEG_CLASSES = "totalsegmentator-2.18.0/totalsegmentator/map_to_binary.py"
 _TOTALSEG_VOLUMES = ("TotalSegmentator CT", "TotalSegmentator MR", "TotalSegmentator chest CT")
 HELD_OUT_VOLUMES = ("CTChest4", *_TOTALSEG_VOLUMES)
 # The 2D one-prompt setting: the template volume, and the other modality.
@@ -99,6 +102,7 @@ CT_WINDOWS = {
     "aorta": "mediastinum",
     "pulmonary_artery": "mediastinum",
     "vertebrae_T12": "bone",
+    "vertebrae_T11": "bone",
     "brachiocephalic_trunk": "mediastinum",
     "common_carotid_artery_left": "mediastinum",
     "annulus_proper": "mediastinum",
@@ -167,13 +171,13 @@ def _totalsegmentator(sdist: Path, names: Collection[str] = _TOTALSEG_VOLUMES) -
 
     out = []
     with tarfile.open(sdist) as archive, tempfile.TemporaryDirectory() as tmp:
-        source = archive.extractfile(_TOTALSEG_CLASSES).read().decode()
-        class_maps = _class_maps(source)
+        source = archive.extractfile(TOTALSEG_CLASSES).read().decode()
+        maps = class_maps(source)
 
         def read(name: str) -> sitk.Image:
             path = Path(tmp) / name
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(archive.extractfile(_TOTALSEG_FILES + name).read())
+            path.write_bytes(archive.extractfile(TOTALSEG_FILES + name).read())
             return sitk.ReadImage(str(path))
 
         for name, modality, image_file, label_file, task in (
@@ -183,7 +187,7 @@ def _totalsegmentator(sdist: Path, names: Collection[str] = _TOTALSEG_VOLUMES) -
             if name not in names:
                 continue
             image, labels = read(image_file), sitk.GetArrayFromImage(read(label_file))
-            values = {n: v for v, n in class_maps[task].items()}
+            values = {n: v for v, n in maps[task].items()}
             out.append(
                 HeldOutVolume(
                     name,
@@ -235,7 +239,7 @@ def _chest_ct(read) -> HeldOutVolume:
     )
 
 
-def _class_maps(source: str) -> dict[str, dict[int, str]]:
+def class_maps(source: str) -> dict[str, dict[int, str]]:
     """TotalSegmentator's ``class_map`` literal (label value -> name per task), read without running it."""
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "class_map":

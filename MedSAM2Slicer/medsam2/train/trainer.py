@@ -21,6 +21,11 @@ slice's box.
 
 A checkpoint holds the trainable tensors, the optimiser and scheduler state, the step, and the numpy and
 torch generator states; resuming from it gives exactly the losses an uninterrupted run would give (on CPU).
+
+With a validator (:mod:`.validation`) and ``validate_every``, the run is scored at its start, every
+``validate_every`` steps and at its last step (``validation.jsonl``); the best-scoring trainable tensors so far
+are kept in ``best.pt`` and the checkpoint records which step that was. Validation leaves the model and the
+random generators as they were, so a run with it trains exactly as one without it.
 """
 
 from __future__ import annotations
@@ -69,6 +74,8 @@ class TrainOptions:
     train_decoder: bool = False
     decoder_lr_scale: float = 0.1
     checkpoint_every: int = 10
+    # Score the run on the validation volume every this many steps (0: never).
+    validate_every: int = 0
     seed: int = 0
     # Trained medsam2-lite weights to start from instead of the identity start (recorded for provenance).
     init_weights: str | None = None
@@ -133,8 +140,14 @@ class Trainer:
         options: TrainOptions,
         workdir: str | os.PathLike,
         log: Callable[[str], None] | None = None,
+        validator: Callable[[SAM2Model], dict] | None = None,
     ) -> None:
+        if options.validate_every and validator is None:
+            raise ValueError("validate_every is set but no validator was given")
         self.model = model
+        self.validator = validator
+        # {"step": n, "score": s} of the best validation so far (None: none yet).
+        self.best: dict | None = None
         self.sampler = sampler
         self.options = options
         self.workdir = Path(workdir)
@@ -163,6 +176,10 @@ class Trainer:
     @property
     def checkpoint_path(self) -> Path:
         return self.workdir / "checkpoint.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.workdir / "best.pt"
 
     def _set_modes(self) -> None:
         # Frozen parts stay in eval mode (TinyViT's batch norms); the memory modules train (dropout).
@@ -207,6 +224,8 @@ class Trainer:
 
         until = self.options.steps if until is None else until
         bar = tqdm(total=until, initial=self.step, disable=not progress, desc="train", unit="step")
+        if self.options.validate_every and self.step == 0:
+            self.validate()  # the starting point, which later steps must beat
         with (self.workdir / "log.jsonl").open("a") as log:
             while self.step < until and (deadline is None or time.time() < deadline):
                 start = time.perf_counter()
@@ -216,10 +235,29 @@ class Trainer:
                 log.flush()
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", presence=f"{record['presence']:.3f}")
+                every = self.options.validate_every
+                if every and (self.step % every == 0 or self.step == self.options.steps):
+                    self.validate()
                 if self.step % self.options.checkpoint_every == 0 or self.step == until:
                     self.save()
         bar.close()
         self.save()
+
+    def validate(self) -> dict:
+        """Score the model now; keep its trainable tensors in ``best.pt`` when it is the best so far."""
+        record = {"step": self.step, **self.validator(self.model)}
+        with (self.workdir / "validation.jsonl").open("a") as log:
+            log.write(json.dumps(record) + "\n")
+        best = self.best is None or record["score"] > self.best["score"]
+        if best:
+            self.best = {"step": self.step, "score": record["score"]}
+            trainable = {n: p.detach().cpu().clone() for n, p in self.trainable.items()}
+            _save_atomic({**self.best, "trainable": trainable}, self.best_path)
+        self.print(
+            f"validation at step {self.step}: {record['score']:.4f}"
+            + (" (best so far)" if best else f" (best {self.best['score']:.4f} at step {self.best['step']})")
+        )
+        return record
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -233,13 +271,11 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "options": json.dumps(asdict(self.options)),
             "sampler": json.dumps(asdict(self.sampler.options)),
+            "best": json.dumps(self.best),
         }
 
     def save(self) -> Path:
-        tmp = self.checkpoint_path.with_suffix(".partial")
-        torch.save(self.state(), tmp)
-        os.replace(tmp, self.checkpoint_path)
-        return self.checkpoint_path
+        return _save_atomic(self.state(), self.checkpoint_path)
 
     def resume(self) -> bool:
         """Load ``checkpoint.pt`` from the work folder when it exists; returns whether it did. Without one, a
@@ -255,6 +291,7 @@ class Trainer:
         self.sampler.rng.bit_generator.state = json.loads(state["numpy_rng"])
         torch.set_rng_state(state["torch_rng"])
         self.step = int(state["step"])
+        self.best = json.loads(state.get("best", "null"))
         return True
 
     def _load_trained(self, path: str) -> None:
@@ -274,6 +311,13 @@ class Trainer:
         with torch.no_grad():
             for name, value in self.trainable.items():
                 value.copy_(tensors[name].to(value.dtype))
+
+
+def _save_atomic(state: dict, path: Path) -> Path:
+    tmp = path.with_suffix(".partial")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
 
 
 def _attention_kernels(device: torch.device) -> contextlib.AbstractContextManager:
