@@ -217,22 +217,38 @@ def test_export_best_ships_the_best_step_and_records_how_it_was_chosen(tmp_path)
     record = {"loss": 1.0, "focal": 0.1, "dice": 0.5, "iou": 0.1, "presence": 0.3, "seconds": 1.0}
     (work / "log.jsonl").write_text("".join(json.dumps({**record, "step": s}) + "\n" for s in range(1, 9)))
 
-    out = tmp_path / "out" / "medsam2-lite.safetensors"
-    assert main(["export", "--workdir", str(work), "--best", "--out", str(out)]) == 0
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
 
+    head = {"presence_head.weight": torch.arange(6.0), "presence_head.bias": torch.tensor([-2.5])}
+    save_file(head, str(tmp_path / "fitted.safetensors"))
+    fitted_record = {"presence_head": {"cues": [], "weight": [], "bias": -2.5, "fitted_on": "runs X"}}
+    (tmp_path / "fitted.json").write_text(json.dumps(fitted_record))
+
+    out = tmp_path / "out" / "medsam2-lite.safetensors"
+    export = ["export", "--workdir", str(work), "--best", "--out", str(out)]
+    assert main([*export, "--presence-from", str(tmp_path / "fitted.safetensors")]) == 0
     shipped = load_file(str(out))
     assert all(torch.equal(shipped[n], best[n]) for n in names)
+    assert all(torch.equal(shipped[k], v) for k, v in head.items())
     provenance = json.loads(out.with_suffix(".json").read_text())
+    assert provenance["presence_head"]["fitted_on"] == "runs X"
+    assert "fitted.safetensors" in provenance["presence_head"]["copied_from"]
     assert provenance["steps"] == 4
     chosen = provenance["chosen"]
     assert chosen["step"] == 4 and chosen["last_step"] == 8 and chosen["score"] == 0.7
     assert chosen["scores"] == {"0": 0.5, "4": 0.7, "8": 0.6}
     assert validation.VALIDATION_VOLUME in chosen["by"]
 
+    # Exporting over the weights the head comes from (as over the shipped file) keeps that head.
+    main([*export, "--presence-from", str(out)])
+    assert all(torch.equal(load_file(str(out))[k], v) for k, v in head.items())
+
+    (tmp_path / "fitted.json").unlink()
+    with pytest.raises(SystemExit, match="fitted.json not found"):
+        main([*export, "--presence-from", str(tmp_path / "fitted.safetensors")])
     (work / "best.pt").unlink()
     with pytest.raises(SystemExit, match="best.pt not found"):
-        main(["export", "--workdir", str(work), "--best", "--out", str(out)])
+        main(export)
 
 
 _SDIST = Path(os.environ.get("MEDSAM2_DATA") or medsam2.models.cache_dir()) / ho.TOTALSEG_SDIST

@@ -11,9 +11,12 @@ then, in order (every step resumes where it stopped)::
 
     python scripts/train_lite.py prepare --workdir W                       # cache TinyViT features
     python scripts/train_lite.py run --workdir W --frames 8 --objects 3 --steps 3000   # validated every 50
-    python scripts/train_lite.py export --workdir W --best --out W/medsam2-lite.safetensors  # the best step
+    python scripts/train_lite.py export --workdir W --best --presence-from SHIPPED --out W/medsam2-lite.safetensors
     python scripts/train_lite.py evaluate --weights W/medsam2-lite.safetensors --out W/evaluation.json
-    python scripts/train_lite.py export --workdir W --best --evaluation W/evaluation.json
+    python scripts/train_lite.py export --workdir W --best --presence-from SHIPPED --evaluation W/evaluation.json
+
+(SHIPPED: the shipped weights, MedSAM2Slicer/medsam2/weights/medsam2-lite.safetensors, whose presence head
+``run`` validates with; ``export --best`` takes the run's best validated step.)
 
 The shipped weights were made with the commands recorded in medsam2/weights/medsam2-lite.json.
 """

@@ -144,6 +144,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_weights
     from .trainer import build_lite_for_training
 
+    # Read before anything is written: --presence-from may be the file --out replaces.
+    head = _presence_head(args.presence_from) if args.presence_from else None
     config = ModelConfig.preset("medsam2_lite")
     model = build_lite_for_training(config, args.litemedsam)
     state = torch.load(args.workdir / "checkpoint.pt", map_location="cpu", weights_only=True)
@@ -175,8 +177,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.evaluation and args.evaluation.is_file():
         provenance["evaluation"] = json.loads(args.evaluation.read_text())
     out = export_weights(model, _lite_state_dict(args.litemedsam), args.out, provenance)
+    if head:
+        from .presence import write_head
+
+        write_head(out, out, head["weight"].numpy(), float(head["bias"]), head["record"])
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) and {out.with_suffix('.json')}")
     return 0
+
+
+def _presence_head(source: Path) -> dict:
+    """The presence head of the weights ``source`` and its record, to put into exported weights: training
+    leaves the head fresh, and the validation judged the model with ``source``'s head."""
+    from .export import provenance_path
+    from .validation import presence_tensors
+
+    if not provenance_path(source).is_file():
+        raise SystemExit(f"medsam2 train export: {provenance_path(source)} not found (--presence-from)")
+    record = json.loads(provenance_path(source).read_text()).get("presence_head", {})
+    report = {k: v for k, v in record.items() if k not in ("cues", "weight", "bias")}
+    report["copied_from"] = f"{source} (not refitted for these weights)"
+    return {**presence_tensors(source), "record": report}
 
 
 def _chosen_checkpoint(workdir: Path, state: dict) -> dict:
@@ -358,6 +378,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-command", default=None, help="the `run` command line, recorded as given")
     p.add_argument(
         "--best", action="store_true", help="export the run's best validated step (best.pt), not its last"
+    )
+    p.add_argument(
+        "--presence-from",
+        type=Path,
+        default=None,
+        metavar="WEIGHTS",
+        help="copy the presence head from these trained weights (e.g. the shipped ones, which `run` validates"
+        " with); without it the head is fresh until `presence` fits one",
     )
     p.set_defaults(func=cmd_export)
 
