@@ -76,10 +76,8 @@ def validation_volume(data_dir: str | Path) -> HeldOutVolume:
                 (series / Path(member.name).name).write_bytes(archive.extractfile(member).read())
         labels_file = Path(tmp) / "labels.nii.gz"
         labels_file.write_bytes(archive.extractfile(_LABELS).read())
-        values = {
-            n: v
-            for v, n in class_maps(archive.extractfile(TOTALSEG_CLASSES).read().decode())["total"].items()
-        }
+        classes = class_maps(archive.extractfile(TOTALSEG_CLASSES).read().decode())["total"]
+        values = {n: v for v, n in classes.items()}
         image = io.read_image(series)
         labels = io.read_labels(labels_file, reference=image).array
     return HeldOutVolume(
