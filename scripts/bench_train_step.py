@@ -99,7 +99,8 @@ def main() -> None:
     weights = PACKAGE_WEIGHTS_DIR / TRAINED_FILENAME
     recipe = json.loads(weights.with_suffix(".json").read_text())
     sampler = SequenceSampler(caches, SamplerOptions(**recipe["sequences"]), seeded_rng(0))
-    options = TrainOptions(**{**recipe["options"], "init_weights": str(weights)})
+    # The steps alone are timed: no validation, whatever the recipe's run did.
+    options = TrainOptions(**{**recipe["options"], "init_weights": str(weights), "validate_every": 0})
     with tempfile.TemporaryDirectory(prefix="bench_train_step_") as folder:
         trainer = Trainer(build_lite_for_training(config, None), sampler, options, folder)
         trainer.resume()

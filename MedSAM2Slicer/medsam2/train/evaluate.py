@@ -221,8 +221,8 @@ def evaluate_volume(
     found: dict[str, dict] | None = {} if presence else None
     encoder_stats = {"encoded": 0, "reused": 0}
     for group in groups.values():
-        for window in dict.fromkeys(volume.window(n) for n in group):
-            together = [n for n in group if volume.window(n) == window]
+        for together in volume.by_window(group):
+            window = volume.window(together[0])
             stats = _evaluate_group(
                 model, baseline or model, volume, together, window, references, masks, seconds, log, found
             )
@@ -262,6 +262,16 @@ def evaluate_volume(
     return out
 
 
+def largest_slice_prompts(references: list[np.ndarray]) -> list[Prompt]:
+    """One prompt per reference mask ``[Z, Y, X]``, objects 1, 2, ...: its box on the axial slice where it is
+    largest (the user of the evaluation)."""
+    prompts = []
+    for obj_id, reference in enumerate(references, start=1):
+        index, box = box_on_largest_slice(reference)
+        prompts.append(Prompt(axis=0, index=index, obj_id=obj_id, box=box))
+    return prompts
+
+
 def _scores(masks: dict[str, np.ndarray], reference: np.ndarray, spacing: tuple[float, ...]) -> dict:
     """Dice, HD95, volume ratio and axial extent (:func:`.extent.extent_errors`) of each method's mask."""
     return {
@@ -290,10 +300,7 @@ def _evaluate_group(
     """Every method on the structures ``names`` (segmented together, in ``window``): adds their masks and
     the seconds taken to ``masks`` / ``seconds``, and each structure's presence figures to ``presence``
     unless it is ``None``; returns the shared encoder's statistics."""
-    prompts = []
-    for obj_id, name in enumerate(names, start=1):
-        index, box = box_on_largest_slice(references[name])
-        prompts.append(Prompt(axis=0, index=index, obj_id=obj_id, box=box))
+    prompts = largest_slice_prompts([references[n] for n in names])
     prepared = dict(spacing=volume.spacing, modality=volume.modality, window=window)
     intensities = prepare_intensities(volume.image, modality=volume.modality, window=window)
     slices = AxialSlices(baseline, intensities)

@@ -132,6 +132,11 @@ class HeldOutVolume:
         """The CT window ``structure`` is segmented in (``None``: the modality's default preparation)."""
         return CT_WINDOWS.get(structure) if self.modality == "ct" else None
 
+    def by_window(self, structures: list[str]) -> list[list[str]]:
+        """``structures`` split into the groups read in one window (each segmented together), in order."""
+        windows = dict.fromkeys(self.window(n) for n in structures)
+        return [[n for n in structures if self.window(n) == w] for w in windows]
+
 
 def held_out_names(data_dir: Path) -> list[str]:
     """The held-out volumes there are: CTChest4 always, TotalSegmentator's when the sdist is in ``data_dir``."""

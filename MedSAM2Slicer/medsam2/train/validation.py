@@ -33,11 +33,9 @@ import numpy as np
 import torch
 
 from .. import io, metrics
-from ..demo import box_on_largest_slice
 from ..model.sam2 import ImageFeatures, SAM2Model
-from ..prompts import Prompt
 from ..volume import segment_volume
-from .evaluate import MEMORY_RUNS, METHODS, cached_encoder
+from .evaluate import MEMORY_RUNS, METHODS, cached_encoder, largest_slice_prompts
 from .extent import ends_within, extent_errors
 from .heldout import TOTALSEG_CLASSES, TOTALSEG_FILES, TOTALSEG_SDIST, HeldOutVolume, class_maps
 
@@ -106,7 +104,6 @@ class Validator:
         self.names = [*volume.structures, *volume.small]
         self.references = {n: volume.mask(n) for n in self.names}
         self._features: dict[str, ImageFeatures] = {}
-        self._prompts = {n: box_on_largest_slice(self.references[n]) for n in self.names}
 
     def __call__(self, model: SAM2Model) -> dict:
         """``{"score": mean Dice, "dice": {structure: Dice}, "ends_within_2": share, "seconds": s}``."""
@@ -132,21 +129,17 @@ class Validator:
 
     def _groups(self) -> list[list[str]]:
         """The structures segmented together: those sharing a window, the small ones apart (as evaluated)."""
-        groups = []
-        for members in (list(self.volume.structures), list(self.volume.small)):
-            for window in dict.fromkeys(self.volume.window(n) for n in members):
-                groups.append([n for n in members if self.volume.window(n) == window])
-        return groups
+        return [
+            g
+            for members in (self.volume.structures, self.volume.small)
+            for g in self.volume.by_window(list(members))
+        ]
 
     def _segment(self, model: SAM2Model, names: list[str]) -> dict[str, np.ndarray]:
-        prompts = [
-            Prompt(axis=0, index=self._prompts[n][0], obj_id=i, box=self._prompts[n][1])
-            for i, n in enumerate(names, start=1)
-        ]
         result = segment_volume(
             model,
             self.volume.image,
-            prompts,
+            largest_slice_prompts([self.references[n] for n in names]),
             spacing=self.volume.spacing,
             modality=self.volume.modality,
             window=self.volume.window(names[0]),
