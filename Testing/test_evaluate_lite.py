@@ -261,3 +261,18 @@ def test_pool_workers_end_when_the_evaluation_process_is_killed(tmp_path):
     while _running(worker) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _running(worker)
+
+
+def test_the_2d_one_prompt_setting_segments_ct_and_mr_slices_from_one_ct_box(model, volume):
+    """Both volumes of the setting are needed; each shared structure gets rows for other CT slices (not the
+    template's) and MR slices, with the memory's Dice and the scaled template box's."""
+    from dataclasses import replace
+
+    from medsam2.train.one_prompt import one_prompt_2d
+
+    ct, mr = (replace(volume, name=name) for name in ho.ONE_PROMPT_VOLUMES)
+    assert one_prompt_2d(model, [ct]) == {}
+    rows = one_prompt_2d(model, [ct, mr], images_per_volume=2)["organ"]
+    assert [r["source"] for r in rows] == ["CT", "CT", "MR", "MR"]
+    for row in rows:
+        assert 0.0 <= row["one_prompt_dice"] <= 1.0 and 0.0 <= row["template_box_dice"] <= 1.0

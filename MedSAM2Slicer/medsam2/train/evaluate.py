@@ -13,7 +13,7 @@ the reference box on every slice where the structure is present (an upper bound 
 (v) run LiteMedSAM itself (:func:`medsam2.lite.litemedsam_model`), without the object-score token that
 medsam2-lite's decoder adds.
 
-The 2D one-prompt setting (:func:`one_prompt_2d`): a box on the CT slice where a structure is largest is the
+The 2D one-prompt setting (:mod:`.one_prompt`): a box on the CT slice where a structure is largest is the
 only prompt; ``segment_images`` then segments that structure in other CT slices and in MR slices (another
 volume and modality). Baseline: the template's box, scaled, on every image, without memory.
 
@@ -31,6 +31,9 @@ and recall of "object present" against the reference's slices.
 
 (iii) is (i)'s first pass, so every volume also reports, per structure, the voxels that (i)'s further axes
 removed from (iii)'s mask and added to it, true and false (:mod:`.orientations`).
+
+Synthetic lesions written into the chest CT (:func:`.heldout.synthetic_lesion_volume`) are one more part,
+segmented as a volume's structures are, reported apart (``synthetic_lesions``) with their own means.
 """
 
 from __future__ import annotations
@@ -50,7 +53,6 @@ import torch
 from .. import metrics
 from ..demo import box_on_largest_slice
 from ..frames import FrameStack
-from ..images import segment_images
 from ..memory import MemoryOptions
 from ..model.sam2 import ImageFeatures, SAM2Model
 from ..preprocess import prepare_intensities
@@ -64,7 +66,15 @@ from .extent import (
     presence_precision_recall,
     presence_scores,
 )
-from .heldout import HELD_OUT_VOLUMES, ONE_PROMPT_VOLUMES, HeldOutVolume, held_out_names, held_out_volumes
+from .heldout import (
+    HELD_OUT_VOLUMES,
+    ONE_PROMPT_VOLUMES,
+    SYNTHETIC_LESION_VOLUME,
+    HeldOutVolume,
+    held_out_names,
+    held_out_volumes,
+    synthetic_lesion_volume,
+)
 
 METHODS = (
     "(i) self-sorting, 6 orientations",
@@ -79,6 +89,9 @@ PRESENCE = "presence"
 
 # The simulated user's corrections of a volume's structures and of its small ones (:mod:`.corrections`).
 CORRECTION_KEYS = ("corrections", "small_corrections")
+
+# Where the synthetic lesions' figures go in the results (not among the volumes, whose means they would move).
+LESIONS_KEY = "synthetic_lesions"
 
 # The options of segment_volume that make methods (i)-(iii).
 MEMORY_RUNS = {
@@ -332,61 +345,6 @@ def _evaluate_group(
     return dict(encoder_stats)
 
 
-def one_prompt_2d(
-    model: SAM2Model,
-    volumes: list[HeldOutVolume],
-    baseline: SAM2Model | None = None,
-    images_per_volume: int = 4,
-) -> dict:
-    """The 2D one-prompt setting between the TotalSegmentator CT (template) and MR volumes."""
-    by_name = {v.name: v for v in volumes}
-    if not set(ONE_PROMPT_VOLUMES) <= set(by_name):
-        return {}
-    ct, mr = (by_name[n] for n in ONE_PROMPT_VOLUMES)
-    ct_int, mr_int = (prepare_intensities(v.image, modality=v.modality) for v in (ct, mr))
-    out = {}
-    for name in sorted(set(ct.structures) & set(mr.structures)):
-        ct_mask, mr_mask = ct.mask(name), mr.mask(name)
-        template, box = box_on_largest_slice(ct_mask)
-        images, truths, sources = [ct_int[template]], [ct_mask[template]], ["CT template"]
-        for source, intensities, mask in (("CT", ct_int, ct_mask), ("MR", mr_int, mr_mask)):
-            present = np.nonzero(mask.any(axis=(1, 2)))[0]
-            picks = np.unique(
-                present[np.linspace(0, len(present) - 1, images_per_volume + 2)[1:-1].astype(int)]
-            )
-            for z in picks:
-                if source == "CT" and z == template:
-                    continue
-                images.append(intensities[z])
-                truths.append(mask[z])
-                sources.append(source)
-        predicted = segment_images(model, images, box=box)
-        transferred = [
-            _template_box_answer(baseline or model, image, box, ct_int.shape[1:]) for image in images[1:]
-        ]
-        rows = []
-        for i in range(1, len(images)):
-            rows.append(
-                {
-                    "source": sources[i],
-                    "one_prompt_dice": round(metrics.dice(predicted[i], truths[i]), 4),
-                    "template_box_dice": round(metrics.dice(transferred[i - 1], truths[i]), 4),
-                }
-            )
-        out[name] = rows
-    return out
-
-
-def _template_box_answer(
-    model: SAM2Model, image: np.ndarray, box: tuple[int, ...], template_shape: tuple[int, int]
-) -> np.ndarray:
-    """LiteMedSAM on ``image`` with the template's box scaled to the image's size (no memory)."""
-    sy, sx = image.shape[0] / template_shape[0], image.shape[1] / template_shape[1]
-    scaled = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-    slices = AxialSlices(model, image[None])
-    return slices.to_frame(slices.box_logits(0, slices.box_to_model(scaled)))
-
-
 def summarize(results: dict) -> dict:
     """Mean Dice per method over every structure of every volume, and (i) minus (iv) per structure; the share
     of structures whose axial extent ends within :data:`.extent.ENDS_WITHIN_SLICES` slices of the reference
@@ -482,14 +440,20 @@ def _run_job(
     presence: bool,
     threads: int,
 ) -> dict:
-    """One volume's evaluation, or the 2D one-prompt setting (a worker process's whole task)."""
+    """One volume's evaluation, the synthetic lesions' or the 2D one-prompt setting (a worker process's
+    whole task)."""
     torch.set_num_threads(threads)
     model, baseline = load_models(weights, litemedsam)
-    volumes = held_out_volumes(data_dir, ONE_PROMPT_VOLUMES if job == ONE_PROMPT_JOB else [job])
     if job == ONE_PROMPT_JOB:
         started = time.perf_counter()
+        from .one_prompt import one_prompt_2d
+
+        volumes = held_out_volumes(data_dir, ONE_PROMPT_VOLUMES)
         return {"rows": one_prompt_2d(model, volumes, baseline), "seconds": time.perf_counter() - started}
-    volume = next(v for v in volumes if v.name == job)
+    if job == SYNTHETIC_LESION_VOLUME:
+        volume = synthetic_lesion_volume(data_dir)
+    else:
+        (volume,) = held_out_volumes(data_dir, [job])
     return evaluate_volume(model, volume, baseline, log=_progress, corrections=corrections, presence=presence)
 
 
@@ -508,8 +472,8 @@ def evaluate(
     corrections: int = 0,
     presence: bool = False,
 ) -> dict:
-    """The held-out evaluation of the trained ``weights`` (see the module docstring): every volume and the
-    2D setting, or the ``only`` ones (volume names, :data:`ONE_PROMPT_JOB`).
+    """The held-out evaluation of the trained ``weights`` (see the module docstring): every volume, the
+    synthetic lesions and the 2D setting, or the ``only`` ones (volume names, :data:`ONE_PROMPT_JOB`).
 
     ``jobs`` > 1 evaluates the volumes (and the 2D setting) in that many processes of one thread each; the
     seconds per method are then those of a process sharing the machine. ``corrections`` > 0 adds the
@@ -518,7 +482,10 @@ def evaluate(
     """
     if corrections < 0:
         raise ValueError(f"corrections must be 0 (off) or more, got {corrections}")
-    names = held_out_names(data_dir) + [ONE_PROMPT_JOB]
+    names = held_out_names(data_dir)
+    if "TotalSegmentator chest CT" in names:
+        names.append(SYNTHETIC_LESION_VOLUME)
+    names.append(ONE_PROMPT_JOB)
     if only:
         unknown = sorted(set(only) - set(names))
         if unknown:
@@ -541,7 +508,10 @@ def evaluate(
             log(f"evaluating {name}")
             done[name] = _run_job(name, *args, torch.get_num_threads())
     two_d = done.pop(ONE_PROMPT_JOB, None)
+    lesions = done.pop(SYNTHETIC_LESION_VOLUME, None)
     results = {"options": {"corrections": corrections, "presence": presence}, "volumes": done}
+    if lesions is not None:
+        results[LESIONS_KEY] = lesions
     if two_d is not None:
         results["one_prompt_2d"] = two_d["rows"]
         results["one_prompt_2d_seconds"] = round(two_d["seconds"], 1)
@@ -555,6 +525,13 @@ def _with_summaries(results: dict) -> dict:
     results.pop("summary", None)
     for key in CORRECTION_KEYS:
         results.pop(key, None)
+    if LESIONS_KEY in results:
+        rows = list(results[LESIONS_KEY]["scores"].values())
+        results[LESIONS_KEY]["summary"] = {
+            "lesions": len(rows),
+            "mean_dice": _mean_dice(rows),
+            "ends_within": _ends_within_share(rows),
+        }
     if results["volumes"]:
         results["summary"] = summarize(results)
         for key in CORRECTION_KEYS:
@@ -588,6 +565,9 @@ def merge_results(parts: list[dict]) -> dict:
     two_d = [p for p in parts if "one_prompt_2d" in p]
     if len(two_d) > 1:
         raise ValueError(f"{ONE_PROMPT_JOB!r} is in more than one part")
+    lesions = [p[LESIONS_KEY] for p in parts if LESIONS_KEY in p]
+    if len(lesions) > 1:
+        raise ValueError(f"{SYNTHETIC_LESION_VOLUME!r} is in more than one part")
     order = {name: i for i, name in enumerate(HELD_OUT_VOLUMES)}
     merged = {
         "weights": parts[0].get("weights"),
@@ -596,12 +576,18 @@ def merge_results(parts: list[dict]) -> dict:
             "presence": all(p.get("options", {}).get("presence", False) for p in parts),
         },
         "parts": [
-            {"volumes": list(p["volumes"]) + ([ONE_PROMPT_JOB] if "one_prompt_2d" in p else [])}
+            {
+                "volumes": list(p["volumes"])
+                + ([SYNTHETIC_LESION_VOLUME] if LESIONS_KEY in p else [])
+                + ([ONE_PROMPT_JOB] if "one_prompt_2d" in p else [])
+            }
             | {"options": p.get("options", {})}
             for p in parts
         ],
         "volumes": dict(sorted(volumes.items(), key=lambda item: order.get(item[0], len(order)))),
     }
+    if lesions:
+        merged[LESIONS_KEY] = lesions[0]
     for part in two_d:
         merged["one_prompt_2d"] = part["one_prompt_2d"]
         merged["one_prompt_2d_seconds"] = part["one_prompt_2d_seconds"]

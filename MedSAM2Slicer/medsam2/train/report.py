@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .corrections import corrections_markdown
-from .evaluate import METHODS, PRESENCE
+from .evaluate import LESIONS_KEY, METHODS, PRESENCE
 from .extent import ENDS_WITHIN_SLICES
 from .orientations import extra_axes_markdown
 
@@ -14,19 +14,23 @@ SHORT = [m.split(")")[0] + ")" for m in METHODS]
 
 def markdown(results: dict) -> str:
     """The per-structure Dice / HD95 table with its means, the small structures' table, the axial extents,
-    what six orientations changed against two, the timings, the presence head's figures, the corrections and
-    the 2D one-prompt table (those there are)."""
+    what six orientations changed against two, the timings, the presence head's figures, the corrections, the
+    synthetic lesions' table and the 2D one-prompt table (those there are)."""
     summary = results.get("summary", {})
-    tables = [_dice_table(results, "scores", summary)]
-    if "small" in summary:
-        tables.append(_dice_table(results, "small_scores", summary["small"]))
-    tables += [_extent_table(results), extra_axes_markdown(results), _seconds_table(results)]
+    tables = []
+    if results["volumes"]:
+        tables.append(_dice_table(results, "scores", summary))
+        if "small" in summary:
+            tables.append(_dice_table(results, "small_scores", summary["small"]))
+        tables += [_extent_table(results), extra_axes_markdown(results), _seconds_table(results)]
     if "presence" in summary:
         tables.append(_presence_table(summary["presence"]))
     if results.get("corrections"):
         tables.append(corrections_markdown(results["corrections"]))
     if results.get("small_corrections"):
         tables.append(corrections_markdown(results["small_corrections"], "small structures"))
+    if results.get(LESIONS_KEY):
+        tables.append(_lesions_table(results[LESIONS_KEY]))
     if results.get("one_prompt_2d"):
         tables.append(_one_prompt_table(results["one_prompt_2d"]))
     return "\n".join(t.rstrip("\n") + "\n" for t in tables if t)
@@ -92,6 +96,32 @@ def _extent(e: dict) -> str:
     if e["first"] is None:
         return "empty"
     return f"{e['first']}-{e['last']} ({e['first_error']:+d} / {e['last_error']:+d})"
+
+
+def _lesions_table(lesions: dict) -> str:
+    """Dice and axial extent of each synthetic lesion per method, with the means and the share ending within
+    :data:`.extent.ENDS_WITHIN_SLICES` slices at both ends."""
+    lines = [
+        "Synthetic lesions in the chest CT (Dice, axial extent with its errors at the first / last end):",
+        "",
+        "| lesion | ml | reference | " + " | ".join(SHORT) + " |",
+        "|---|---|---|" + "---|" * len(METHODS),
+    ]
+    for name, s in lesions["scores"].items():
+        reference = lesions["references"][name]
+        cells = [f"{reference['ml']:.2f}", f"{reference['first']}-{reference['last']}"]
+        cells += [f"{s[m]['dice']:.3f}, {_extent(s[m]['extent'])}" for m in METHODS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    summary = lesions.get("summary")
+    if summary:
+        mean, shares = summary["mean_dice"], summary["ends_within"]
+        lines.append("| **mean Dice** | | | " + " | ".join(f"**{mean[m]:.3f}**" for m in METHODS) + " |")
+        lines.append(
+            f"| **ends within {ENDS_WITHIN_SLICES} slices at both ends** | | | "
+            + " | ".join(f"{shares[m]:.0%}" for m in METHODS)
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _seconds_table(results: dict) -> str:
