@@ -66,12 +66,10 @@ def _extent_table(results: dict) -> str:
     """First-last axial slice of each structure's reference and of each method's result, with the errors in
     slices at each end (first, last; negative: before the reference's end), and the share ending within
     :data:`.extent.ENDS_WITHIN_SLICES` slices at both ends."""
-    lines = [
+    lines = _table_head(
         "Axial extent (first-last slice; in brackets the error in slices at the first / last end):",
-        "",
-        "| volume | structure | reference | " + " | ".join(SHORT) + " |",
-        "|---|---|---|" + "---|" * len(METHODS),
-    ]
+        ["volume", "structure", "reference"],
+    )
     summary = results.get("summary", {})
     for key, label, shares in (
         ("scores", "structures", summary.get("ends_within")),
@@ -92,6 +90,12 @@ def _extent_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _table_head(title: str, columns: list[str]) -> list[str]:
+    """A table's title line, a blank line, and its header: ``columns`` then one column per method."""
+    names = columns + SHORT
+    return [title, "", "| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
+
+
 def _extent(e: dict) -> str:
     if e["first"] is None:
         return "empty"
@@ -101,12 +105,10 @@ def _extent(e: dict) -> str:
 def _lesions_table(lesions: dict) -> str:
     """Dice and axial extent of each synthetic lesion per method, with the means and the share ending within
     :data:`.extent.ENDS_WITHIN_SLICES` slices at both ends."""
-    lines = [
+    lines = _table_head(
         "Synthetic lesions in the chest CT (Dice, axial extent with its errors at the first / last end):",
-        "",
-        "| lesion | ml | reference | " + " | ".join(SHORT) + " |",
-        "|---|---|---|" + "---|" * len(METHODS),
-    ]
+        ["lesion", "ml", "reference"],
+    )
     for name, s in lesions["scores"].items():
         reference = lesions["references"][name]
         cells = [f"{reference['ml']:.2f}", f"{reference['first']}-{reference['last']}"]
