@@ -5,9 +5,9 @@ calls absent (BENCHMARKS 4i), so the memory never learns where a small object en
 held-out small structures and of the real lesions issue 17 describes. A lesion written into the CT has an end
 on every axis that the image shows, and any number of them can be made.
 
-Each lesion is a randomly rotated ellipsoid (diameters 15-35 mm, at least 19 mm so that its largest slice is a
-promptable object at the training recipe's ``--min-object-px``), placed where the CT is lung or soft tissue,
-away from the body's edge, from bone and from other lesions:
+Each lesion is a randomly rotated ellipsoid (diameters 15-35 mm; from about 19 mm on, its largest slice at
+1.4 mm is an object the training recipe's ``--min-object-px 150`` prompts), placed where the CT is lung or soft
+tissue, away from the body's edge, from bone and from other lesions:
 
 - in lung: a solid nodule, -100 to +60 HU;
 - in soft tissue: the surrounding tissue's median +-25 to 80 HU (hypo- or hyperdense, as in liver or kidney
