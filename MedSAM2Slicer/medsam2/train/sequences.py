@@ -12,7 +12,8 @@ present on the first frame and absent from the last are drawn. Windows drawn at 
 organ's end, yet stopping there is what the object score (and the memory it reads) must learn. With
 probability ``memory_only_prob`` a sequence's tracked frames are decoded from memory alone, without the
 chained box (``Sequence.memory_only``): the box otherwise says where the object is, and the memory learns
-nothing it has to carry.
+nothing it has to carry. With ``source_weights`` each sequence's source is drawn first, by weight, so that a
+source gets its share of the sequences however often its slices lack a promptable object.
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ class SamplerOptions:
     min_object_px: int = 0
     end_prob: float = 0.0
     memory_only_prob: float = 0.0
+    # (source name, weight) pairs; the sources not named weigh 1. Without them, every try draws a source and
+    # axis afresh, so a source whose slices seldom hold a promptable object (the lesions) gets fewer sequences
+    # than its share of draws; with them, the source is drawn once by weight and only its axis is redrawn.
+    source_weights: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass
@@ -86,12 +91,32 @@ class SequenceSampler:
         choices = self.available()
         if not choices:
             raise RuntimeError("no source has enough cached slices to make a training sequence")
+        if self.options.source_weights:
+            choices = self._weighted_source(choices)
         for _ in range(max_tries):
             ci, axis, done = choices[int(self.rng.integers(len(choices)))]
             sequence = self._try(self.caches[ci], axis, done)
             if sequence is not None:
                 return sequence
-        raise RuntimeError(f"no sequence with an object on its first frame found in {max_tries} draws")
+        where = f" of {self.caches[choices[0][0]].name}" if self.options.source_weights else ""
+        raise RuntimeError(f"no sequence{where} with an object on its first frame found in {max_tries} draws")
+
+    def _weighted_source(
+        self, choices: list[tuple[int, int, np.ndarray]]
+    ) -> list[tuple[int, int, np.ndarray]]:
+        """The ``choices`` of one source, drawn by ``options.source_weights``."""
+        weights = dict(self.options.source_weights)
+        unknown = set(weights) - {c.name for c in self.caches}
+        if unknown:
+            raise ValueError(f"source weights for sources not trained on: {sorted(unknown)}")
+        sources = sorted({ci for ci, _, _ in choices})
+        p = np.array([weights.get(self.caches[ci].name, 1.0) for ci in sources], dtype=float)
+        if (p < 0).any() or p.sum() <= 0:
+            raise ValueError(
+                f"source weights must be 0 or more, and not all 0: {self.options.source_weights}"
+            )
+        chosen = sources[int(self.rng.choice(len(sources), p=p / p.sum()))]
+        return [c for c in choices if c[0] == chosen]
 
     def _try(self, cache: SourceCache, axis: int, done: np.ndarray) -> Sequence | None:
         t = self.options.frames
