@@ -76,6 +76,13 @@ class SequenceSampler:
         self.caches = caches
         self.options = options
         self.rng = rng
+        weights = dict(options.source_weights)
+        unknown = set(weights) - {c.name for c in caches}
+        if unknown:
+            raise ValueError(f"source weights for sources not trained on: {sorted(unknown)}")
+        if weights and (min(weights.values()) < 0 or sum(weights.get(c.name, 1.0) for c in caches) <= 0):
+            raise ValueError(f"source weights must be 0 or more, and not all 0: {options.source_weights}")
+        self.source_weights = [weights.get(c.name, 1.0) for c in caches]
 
     def available(self) -> list[tuple[int, int, np.ndarray]]:
         """(cache index, axis, positions cached) with at least ``frames`` cached slices."""
@@ -105,16 +112,10 @@ class SequenceSampler:
         self, choices: list[tuple[int, int, np.ndarray]]
     ) -> list[tuple[int, int, np.ndarray]]:
         """The ``choices`` of one source, drawn by ``options.source_weights``."""
-        weights = dict(self.options.source_weights)
-        unknown = set(weights) - {c.name for c in self.caches}
-        if unknown:
-            raise ValueError(f"source weights for sources not trained on: {sorted(unknown)}")
         sources = sorted({ci for ci, _, _ in choices})
-        p = np.array([weights.get(self.caches[ci].name, 1.0) for ci in sources], dtype=float)
-        if (p < 0).any() or p.sum() <= 0:
-            raise ValueError(
-                f"source weights must be 0 or more, and not all 0: {self.options.source_weights}"
-            )
+        p = np.array([self.source_weights[ci] for ci in sources], dtype=float)
+        if p.sum() <= 0:
+            raise RuntimeError("the sources with weight have too few cached slices for a training sequence")
         chosen = sources[int(self.rng.choice(len(sources), p=p / p.sum()))]
         return [c for c in choices if c[0] == chosen]
 
