@@ -134,7 +134,9 @@ def test_a_windowed_source_shows_its_ct_in_its_window_with_only_its_structures(
     folders = {
         window: data.prepare_source(
             tmp_path,
-            data.SourceSpec(f"phantom_{window}", "ct", (2, 2, 2), "phantom", None, window, merge),
+            data.SourceSpec(
+                f"phantom_{window}", "ct", (2, 2, 2), reader="phantom", window=window, labels=merge
+            ),
             tmp_path,
         )
         for window, merge in (("lung", {1: (4, 5)}), ("abdomen", None))
